@@ -1,0 +1,253 @@
+"""Safetensors in and out: a validated lazy reader and a streaming, sharded, atomic writer.
+
+Reading never unpickles: only `*.safetensors` (with or without `model.safetensors.index.json`)
+is accepted. Headers are checked against file sizes up front, so a truncated shard is
+reported by name before any tensor is read. Writing goes into a temporary directory beside
+the destination, which is renamed into place only when everything was written.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "generation_config.json")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in ("auto", "none"):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_json(path: Path, what: str = "") -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found{' (' + what + ')' if what else ''}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_header(file: Path) -> dict:
+    """The safetensors JSON header, after checking the file holds every byte it promises."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(f"{file}: truncated or not a safetensors file (header of {n} bytes, file of {size})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: shard not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file}: corrupt safetensors header") from None
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        nbytes = math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 0)
+        if info["dtype"] in _DTYPE_BYTES and stop - start != nbytes:
+            raise CheckpointError(f"{file}: tensor {name} has {stop - start} bytes for shape {info['shape']}")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file}: truncated: header promises {8 + n + end} bytes, file has {size}")
+    return header
+
+
+class LazyTensors:
+    """name -> tensor over the safetensors files of a checkpoint directory, read on demand."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        index, single = self.dir / INDEX_NAME, self.dir / SINGLE_NAME
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map")
+            files = sorted(set(weight_map.values()))
+        elif single.exists():
+            files, weight_map = [SINGLE_NAME], None
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                pickled = [p.name for p in self.dir.glob("*.bin")] + [p.name for p in self.dir.glob("*.pt*")]
+                hint = (f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to "
+                        "safetensors with a tool you trust)") if pickled else ""
+                raise CheckpointError(f"{self.dir}: no *.safetensors weights{hint}")
+            weight_map = None
+        self.file_of: dict[str, Path] = {}
+        self.info: dict[str, dict] = {}
+        for fname in files:
+            header = _read_header(self.dir / fname)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self.file_of[name], self.info[name] = self.dir / fname, info
+        if weight_map is not None:
+            missing = sorted(n for n, f in weight_map.items() if self.file_of.get(n, Path()).name != f)
+            if missing:
+                raise CheckpointError(f"{index}: tensor {missing[0]} is not in {weight_map[missing[0]]}"
+                                      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name):
+        return name in self.info
+
+    def keys(self):
+        return self.info.keys()
+
+    def shape(self, name) -> tuple[int, ...]:
+        return tuple(self.info[name]["shape"])
+
+    def nbytes(self, name) -> int:
+        return math.prod(self.shape(name)) * _DTYPE_BYTES.get(self.info[name]["dtype"], 4)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The most common floating dtype on disk."""
+        counts: dict[str, int] = {}
+        for info in self.info.values():
+            counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+        name = max(counts, key=counts.get)
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name, torch.float32)
+
+
+def parse_size(size) -> int:
+    """5_000_000_000, "5GB", "500MB", "2GiB" -> bytes (decimal units as Hugging Face uses)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if not m:
+        raise CheckpointError(f"cannot read a size from {size!r} (examples: 5GB, 500MB, 1000000)")
+    unit = m.group(2) or "B"
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, overwrite: bool = False):
+    """Yield a temporary directory beside `dest`; on success it replaces `dest` in one rename.
+
+    On any exception the temporary directory is removed and `dest` is left as it was.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
+        raise CheckpointError(f"{dest}: already exists and is not empty (choose another path or overwrite)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size=5_000_000_000):
+    """Stream (name, tensor) pairs into shards of at most max_shard_size bytes.
+
+    One shard is written as model.safetensors; several as model-0000k-of-0000n.safetensors
+    with model.safetensors.index.json, as Hugging Face does. Only the current shard is held.
+    """
+    limit = parse_size(max_shard_size)
+    shards: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = total = 0
+
+    def flush():
+        nonlocal current, current_bytes
+        if current:
+            save_file(current, str(directory / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+            shards.append(list(current))
+            current, current_bytes = {}, 0
+
+    for name, t in tensors:
+        if name in current or any(name in s for s in shards):
+            raise CheckpointError(f"tensor {name} written twice")
+        nbytes = t.numel() * t.element_size()
+        if current and current_bytes + nbytes > limit:
+            flush()
+        current[name] = t.contiguous()
+        current_bytes += nbytes
+        total += nbytes
+    flush()
+    if len(shards) == 1:
+        os.replace(directory / "shard-00000.tmp", directory / SINGLE_NAME)
+        return
+    weight_map = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(directory / f"shard-{k:05d}.tmp", directory / fname)
+        weight_map.update({n: fname for n in names})
+    with open(directory / INDEX_NAME, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:
+    if src is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_json(path: Path, data: dict):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+TensorSource = Callable[[], torch.Tensor]

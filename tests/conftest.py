@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random checkpoints made by transformers' own save_pretrained."""
+import pytest
+import torch
+
+torch.set_num_threads(1)   # CI has 2 cores and runs 2 pytest workers
+
+TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, rms_norm_eps=1e-5, max_position_embeddings=256)
+
+
+def hf_llama(**overrides):
+    """A random transformers LlamaForCausalLM (or MistralForCausalLM with arch='mistral'), fp32, eval."""
+    import transformers
+    arch = overrides.pop("arch", "llama")
+    theta = overrides.pop("rope_theta", 10000.0)
+    scaling = overrides.pop("rope_scaling", None)
+    kw = {**TINY, **overrides, "rope_parameters": {"rope_type": "default", "rope_theta": theta, **(scaling or {})}}
+    cls_cfg, cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = cls(cls_cfg(**kw)).float().eval()
+    # random norms too, so a missing or misplaced norm cannot hide behind weight == 1
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    model = hf_llama()
+    model.save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama", model
+
+
+def random_tokens(batch, length, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)

@@ -163,8 +163,10 @@ class Tokenizer:
         variables = {"tools": None, "documents": None, **self.special_tokens, **extra}
         try:
             text = self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
-            raise TokenizerError(f"{self._template_source}: chat template failed: {e}") from None
+        except TokenizerError:
+            raise
+        except Exception as e:  # jinja2.TemplateError, or a Python error inside the template
+            raise TokenizerError(f"{self._template_source}: chat template failed: {type(e).__name__}: {e}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _compile(self, source: str):
@@ -217,6 +219,9 @@ def _checked_messages(messages) -> list[dict]:
         elif content is not None and not isinstance(content, str):
             raise TokenizerError(f"chat messages[{i}].content: expected a string or a list of text parts, "
                                  f"got {type(content).__name__}")
+        reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+        if reasoning is not None:  # transformers fills both names templates read
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         out.append(m)
     return out
 

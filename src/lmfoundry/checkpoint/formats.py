@@ -147,11 +147,13 @@ def _keys_out(fmt: Format, cfg: ModelConfig) -> dict:
 
 # Solar Pro's bskcn_1..4: two save lists, then two blend lists; bskcn_tv = (train, inference).
 def _solar_in(hf: dict, fields: dict):
-    from ..config import SOLAR_PRO_SKIPS
-    d = SOLAR_PRO_SKIPS  # vLLM substitutes these when a key is null
-    fields["skip_save"] = [hf.get("bskcn_1") or d["skip_save"][0], hf.get("bskcn_2") or d["skip_save"][1]]
-    fields["skip_blend"] = [hf.get("bskcn_3") or d["skip_blend"][0], hf.get("bskcn_4") or d["skip_blend"][1]]
-    fields["skip_weights"] = tuple(hf.get("bskcn_tv") or d["skip_weights"])
+    from ..config import SOLAR_PRO_SKIPS as d   # vLLM substitutes these where a key is null
+
+    def get(key, default):
+        return hf[key] if hf.get(key) is not None else default
+    fields["skip_save"] = [get("bskcn_1", d["skip_save"][0]), get("bskcn_2", d["skip_save"][1])]
+    fields["skip_blend"] = [get("bskcn_3", d["skip_blend"][0]), get("bskcn_4", d["skip_blend"][1])]
+    fields["skip_weights"] = tuple(get("bskcn_tv", d["skip_weights"]))
     fields["sliding_window"] = hf.get("sliding_window", 2047)
 
 
@@ -267,14 +269,12 @@ def refusal(cfg: ModelConfig, fmt: Format) -> str | None:
         "rope_scaling": (cfg.rope_scaling is not None, "RoPE scaling"),
         "head_dim": (cfg.head_dim * cfg.n_heads[0] != cfg.dim, f"head_dim {cfg.head_dim} != dim/heads"),
     }
-    for feature, (needed, what) in needs.items():
-        if needed and feature not in s:
-            return f"{fmt.architecture} cannot represent {what}"
+    missing = [what for feature, (needed, what) in needs.items() if needed and feature not in s]
     if "tied_only" in s and not cfg.tie_embeddings:
-        return f"{fmt.architecture} cannot represent untied input/output embeddings"
+        missing.append("untied input/output embeddings")
     if fmt.name == "solar" and len(cfg.skip_save) > 2:
-        return f"{fmt.architecture} has two skip-connection slots, this model has {len(cfg.skip_save)}"
-    return None
+        missing.append(f"{len(cfg.skip_save)} skip-connection slots (it has two)")
+    return f"{fmt.architecture} cannot represent {', '.join(missing)}" if missing else None
 
 
 def config_to_hf(cfg: ModelConfig, fmt: Format) -> dict:

@@ -142,6 +142,13 @@ def test_process_logits_matches_transformers(rp, temp, top_k, top_p):
     assert torch.isfinite(got).any(-1).all()
 
 
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.zeros(2, 8)   # probabilities exactly 1/8: cumulative mass hits 0.5 exactly
+    got = process_logits(logits, SamplingParams(top_p=0.5))
+    assert torch.equal(got, TopPLogitsWarper(0.5)(None, logits.clone()))
+    assert (got == 0).sum(-1).tolist() == [4, 4]
+
+
 def test_process_logits_greedy_only_penalises():
     logits = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
     seen = torch.tensor([[False, True, True, False]])
@@ -162,6 +169,25 @@ def test_repetition_penalty_generation_matches_transformers(pair):
     batched = generate(ours, prompts, max_new_tokens=20, repetition_penalty=1.5, **GREEDY)
     assert [c.tokens for c in batched] == [
         generate(ours, [p], max_new_tokens=20, repetition_penalty=1.5, **GREEDY)[0].tokens for p in prompts]
+
+
+def constant_logits_model(values) -> Transformer:
+    """Every position predicts the same logits `values`, whatever the input."""
+    model = Transformer(ModelConfig(vocab_size=len(values), dim=8, n_layers=1, n_heads=2, ffn_dim=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.embed.weight.fill_(1.0)
+        model.norm.weight.fill_(1.0)
+        model.lm_head.weight[:, 0] = torch.tensor(values)
+    return model.eval()
+
+
+def test_repetition_penalty_ignores_padding():
+    model = constant_logits_model([2.0, 1.5] + [0.0] * 6)
+    # row 1 is left-padded with id 0 but does not contain 0: it must not be penalised
+    got = generate(model, [[0, 3, 4], [5]], max_new_tokens=3, repetition_penalty=1.5, **GREEDY)
+    assert [c.tokens for c in got] == [[1, 0, 1], [0, 1, 0]]
 
 
 # ----- sampling ------------------------------------------------------------------------------

@@ -142,10 +142,9 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        if self._clean_up:
-            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-                text = text.replace(a, b)
+        if self._clean_up:  # transformers' clean_up_tokenization_spaces: drop the space before punctuation
+            for s in (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're"):
+                text = text.replace(s, s.strip())
         return text
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
@@ -166,14 +165,15 @@ class Tokenizer:
         except TokenizerError:
             raise
         except Exception as e:  # jinja2.TemplateError, or a Python error inside the template
-            raise TokenizerError(f"{self._template_source}: chat template failed: {type(e).__name__}: {e}") from None
+            raise TokenizerError(f"{self._template_source}: chat template failed: "
+                                 f"{type(e).__name__}: {_one_line(e)}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _compile(self, source: str):
         where = self._template_source
 
         def raise_exception(message):
-            raise TokenizerError(f"{where}: chat template raised: {message}")
+            raise TokenizerError(f"{where}: chat template raised: {_one_line(message)}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols, _GenerationTag])
@@ -186,6 +186,10 @@ class Tokenizer:
             return env.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise TokenizerError(f"{where}: chat template syntax error at line {e.lineno}: {e.message}") from None
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
 
 
 class _GenerationTag(jinja2.ext.Extension):

@@ -1,0 +1,131 @@
+"""Bad checkpoints: one clear error naming the file and the problem; nothing half-written."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmfoundry.checkpoint import convert, load_model, save_model
+from lmfoundry.errors import CheckpointError, ConfigError
+
+
+@pytest.fixture
+def ckpt(llama_dir):
+    return llama_dir[0]
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json: file not found"):
+        load_model(ckpt)
+
+
+def test_malformed_config(ckpt):
+    (ckpt / "config.json").write_text("{ not json")
+    with pytest.raises(ConfigError, match=r"config\.json: malformed JSON"):
+        load_model(ckpt)
+
+
+def test_missing_required_key(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: missing required key 'hidden_size'"):
+        load_model(ckpt)
+
+
+def test_unknown_architecture(ckpt):
+    edit_config(ckpt, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ConfigError, match="unsupported architecture.*GPT2LMHeadModel"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"num_attention_heads": 3}, "not a multiple|head_dim"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "activation"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "yarn"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "llama3", "factor": 8.0}}, "low_freq_factor"),
+])
+def test_unsupported_or_inconsistent_config_values(ckpt, changes, match):
+    edit_config(ckpt, **changes)
+    with pytest.raises((ConfigError, CheckpointError), match=match):
+        load_model(ckpt)
+
+
+def test_tensor_of_wrong_shape(ckpt):
+    edit_config(ckpt, intermediate_size=80)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape"):
+        load_model(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(ckpt)
+
+
+def test_unexpected_tensor_such_as_a_bias(ckpt):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.self_attn\.q_proj\.bias"):
+        load_model(ckpt)
+
+
+def test_truncated_shard(ckpt):
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        load_model(ckpt)
+
+
+def test_missing_shard_of_sharded_checkpoint(ckpt, tmp_path):
+    save_model(load_model(ckpt), tmp_path / "sharded", max_shard_size=40_000)
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}: shard not found"):
+        load_model(tmp_path / "sharded")
+
+
+def test_only_pickled_weights_are_refused_without_unpickling(ckpt):
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weights(ckpt, bad):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] = bad
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers\.1\.attn\.k\.weight contains NaN or inf"):
+        load_model(ckpt)
+
+
+def test_failed_write_leaves_nothing_behind(ckpt, tmp_path):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["model.norm.weight"][0] = float("nan")      # the last tensor written: fails mid-way
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError):
+        convert(ckpt, tmp_path / "out", to="mistral", max_shard_size=40_000)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_destination_is_not_clobbered(ckpt, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(ckpt, tmp_path / "out", to="llama")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    convert(ckpt, tmp_path / "out", to="llama", overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()

@@ -314,3 +314,17 @@ def test_llama_converts_to_mistral_and_solar_without_change(llama_dir, tmp_path)
         convert(path, tmp_path / to, to=to)
         with torch.no_grad():
             assert (load_model(tmp_path / to)(tokens) - ref(tokens).logits).abs().max() <= TOL
+
+
+def test_legacy_rope_keys_load_like_rope_parameters(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    ref = hf_llama(rope_theta=500000.0, rope_scaling=scaling)
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["rope_parameters"]
+    cfg.update(rope_theta=500000.0, rope_scaling={**scaling, "type": scaling["rope_type"]})  # transformers 4 layout
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tokens = random_tokens(1, 48)
+    with torch.no_grad():
+        assert (load_model(tmp_path)(tokens) - ref(tokens).logits).abs().max() <= TOL

@@ -36,15 +36,17 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}\n"
     "{%- for message in messages %}\n"
-    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}\n"
     "{%- endfor %}\n"
     "{%- if add_generation_prompt %}\n"
     "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
     "{%- endif %}\n"
 )
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 STRICT_ROLE_TEMPLATE = (
     "{% for message in messages %}\n"
@@ -54,7 +56,7 @@ STRICT_ROLE_TEMPLATE = (
     "{{ message['role'] }}: {{ message['content'] }}\n"
     "{% endfor %}"
 )
-FANCY_TEMPLATE = (  # namespace, loop.last, continue (loopcontrols), tojson with kwargs, strftime_now
+FANCY_TEMPLATE = (  # namespace, loop.last, continue (loopcontrols), tojson kwargs, strftime_now, generation
     "{%- set ns = namespace(system='', count=0) -%}\n"
     "{%- for message in messages -%}\n"
     "  {%- if message.role == 'system' -%}{%- set ns.system = message.content -%}{%- continue -%}{%- endif -%}\n"
@@ -64,6 +66,7 @@ FANCY_TEMPLATE = (  # namespace, loop.last, continue (loopcontrols), tojson with
     "{% if tools %}TOOLS: {{ tools | tojson(indent=2) }}{% endif %}\n"
     "SYSTEM={{ ns.system | tojson }} YEAR={{ strftime_now('%Y') }}\n"
     "{%- if add_generation_prompt %}\n>>> {% endif %}"
+    "{% generation %}{{ messages[-1].content | tojson }}{% endgeneration %}"
 )
 MESSAGES = [
     {"role": "system", "content": "You are <b>helpful</b> & \"kind\"."},
@@ -161,6 +164,30 @@ def dirs(tmp_path_factory):
                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     hf.save_pretrained(root / "metaspace")
     out["metaspace"] = root / "metaspace"
+
+    # WordLevel, clean_up_tokenization_spaces=true, and a pad token that tokenizer.json does not know
+    words = sorted({w for t in CORPUS for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)})
+    wl = Backend(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "[CLS]", "[SEP]"] + words)}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    wl.add_special_tokens(["[UNK]", "[CLS]", "[SEP]"])
+    wl.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                      special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    hf.save_pretrained(root / "wordlevel")
+    _edit_json(root / "wordlevel" / "tokenizer_config.json", clean_up_tokenization_spaces=True, pad_token="[PAD]")
+    out["wordlevel"] = root / "wordlevel"
+
+    # named special tokens that tokenizer.json has as a non-special added token / a plain vocab entry / not at all
+    odd = root / "odd_specials"
+    shutil.copytree(out["llama3"], odd)
+    tj = json.loads((odd / "tokenizer.json").read_text())
+    for t in tj["added_tokens"]:
+        if t["content"] == "<|eot_id|>":
+            t.update(special=False, lstrip=True)
+    tj["model"]["vocab"]["<mask>"] = len(tj["model"]["vocab"])
+    (odd / "tokenizer.json").write_text(json.dumps(tj))
+    _edit_json(odd / "tokenizer_config.json", mask_token="<mask>", unk_token="<unk>")
+    out["odd_specials"] = odd
     return out
 
 
@@ -181,7 +208,7 @@ def _hf_ids(result):
 
 # ---------------------------------------------------------------- encode / decode
 
-@pytest.mark.parametrize("name", ["llama3", "nopp_add_bos", "pp_no_add_bos", "chatml", "metaspace"])
+@pytest.mark.parametrize("name", ["llama3", "nopp_add_bos", "pp_no_add_bos", "chatml", "metaspace", "wordlevel"])
 @pytest.mark.parametrize("add_special", [True, False])
 def test_encode_matches_transformers(pair, name, add_special):
     ours, hf = pair(name)
@@ -203,7 +230,7 @@ def test_bos_comes_from_tokenizer_json_post_processor_not_add_bos_token_flag(pai
     assert ours.encode("Hi")[0] == ours.bos_token_id == hf("Hi")["input_ids"][0]
 
 
-@pytest.mark.parametrize("name", ["llama3", "chatml", "metaspace"])
+@pytest.mark.parametrize("name", ["llama3", "chatml", "metaspace", "wordlevel"])
 @pytest.mark.parametrize("skip", [True, False])
 def test_decode_matches_transformers(pair, name, skip):
     ours, hf = pair(name)
@@ -212,18 +239,43 @@ def test_decode_matches_transformers(pair, name, skip):
         assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
         for cut in range(len(ids)):  # prefixes that end inside a multi-byte character decode to U+FFFD alike
             assert ours.decode(ids[:cut], skip_special_tokens=skip) == hf.decode(ids[:cut], skip_special_tokens=skip)
-    if name != "metaspace":  # byte-level BPE round-trips exactly
+    if name in ("llama3", "chatml"):  # byte-level BPE round-trips exactly
         assert all(ours.decode(ours.encode(t)) == t for t in TEXTS if "<|" not in t)
 
 
-@pytest.mark.parametrize("name", ["llama3", "chatml", "metaspace"])
+@pytest.mark.parametrize("name", ["llama3", "chatml", "metaspace", "wordlevel"])
 def test_vocab_and_special_tokens_match_transformers(pair, name):
     ours, hf = pair(name)
     assert ours.vocab_size == len(hf)
     for attr in ("bos_token", "eos_token", "pad_token", "bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(ours, attr) == getattr(hf, attr), attr
-    assert ours.token_to_id(hf.eos_token) == hf.convert_tokens_to_ids(hf.eos_token)
-    assert ours.id_to_token(5) == hf.convert_ids_to_tokens(5)
+    for token in hf.all_special_tokens:
+        assert ours.token_to_id(token) == hf.convert_tokens_to_ids(token), token
+    assert [ours.id_to_token(i) for i in range(len(hf))] == hf.convert_ids_to_tokens(list(range(len(hf))))
+    assert ours.token_to_id("no-such-token") is None and ours.id_to_token(len(hf) + 5) is None
+
+
+def test_decode_cleans_up_spaces_like_transformers_for_non_bpe(pair):
+    ours, hf = pair("wordlevel")
+    text = "Hello world, this is a small test. The lazy dog!"
+    ids = ours.encode(text)
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text  # WordLevel alone gives "test ."
+
+
+def test_named_special_token_missing_from_vocab_is_added_like_transformers(pair):
+    ours, hf = pair("wordlevel")
+    assert ours.pad_token == "[PAD]" and ours.pad_token_id == hf.pad_token_id == ours.vocab_size - 1 == len(hf) - 1
+    assert ours.encode("fox [PAD] dog") == hf("fox [PAD] dog")["input_ids"]
+
+
+def test_named_special_tokens_registered_as_special_like_transformers(pair):
+    ours, hf = pair("odd_specials")
+    text = "hi <|eot_id|> x <mask> y <unk>"
+    assert ours.encode(text) == hf(text)["input_ids"] and ours.vocab_size == len(hf)
+    ids = ours.encode(text)
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "hi x  y "
+    assert {i: repr(t) for i, t in ours._tok.get_added_tokens_decoder().items()} == \
+        {i: repr(t) for i, t in hf.added_tokens_decoder.items()}
 
 
 def test_special_tokens_given_as_added_token_dicts_and_legacy_map(pair):
@@ -305,11 +357,12 @@ def test_chat_template_compiled_once(pair):
 STREAM_TEXT = "스트리밍 테스트: 한국어 문장과 이모지 😀🎉👩‍👩‍👧 mixed with English, 中文 too."
 
 
-@pytest.mark.parametrize("name", ["llama3", "metaspace"])
+@pytest.mark.parametrize("name", ["llama3", "metaspace", "wordlevel"])
 @pytest.mark.parametrize("skip", [True, False])
 def test_stream_decoder_pieces_concatenate_to_decode(pair, name, skip):
     ours, _ = pair(name)
-    ids = ours.encode(STREAM_TEXT + " <|eot_id|>" * (name == "llama3"))
+    special = " <|eot_id|>" if name == "llama3" else ""
+    ids = ours.encode(STREAM_TEXT + special + " Hello world, this is a test. The end!")
     dec = ours.stream_decoder(skip_special_tokens=skip)
     pieces = [dec.push(i) for i in ids]
     tail = dec.flush()

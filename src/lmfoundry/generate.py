@@ -132,7 +132,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams | N
     """
     params = dataclasses.replace(params or SamplingParams(), **overrides)
     cfg = model.config
-    prompts = [list(p) for p in prompts]
+    prompts = [list(map(int, p)) for p in prompts]
     _check(prompts, params, cfg, tokenizer)
     if not prompts or params.max_new_tokens == 0:
         return [Completion([], "length") for _ in prompts]
@@ -193,7 +193,8 @@ def _decode(model, prompts, params, stop_ids, on_token, tokenizer) -> list[Compl
                     if hit is not None:
                         stopped_by[i] = hit
                         done[i] = True
-        if step == N - 1 or (stop_t is not None or stopped_by) and bool(done.all()):
+        can_stop = stop_t is not None or bool(stopped_by)
+        if step == N - 1 or (can_stop and bool(done.all())):   # one sync per step, if rows can stop
             break
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)

@@ -25,11 +25,10 @@ from .errors import TokenizerError
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _read_json(path: Path, required: bool) -> dict | None:
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None if there is no such file."""
     if not path.is_file():
-        if required:
-            raise TokenizerError(f"{path}: file not found (a Hugging Face tokenizer directory needs it)")
-        return None
+        return None  # the optional files may be absent
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -59,21 +58,25 @@ def load_tokenizer(path) -> Tokenizer:
     try:
         backend = _Backend.from_str(tok_file.read_text(encoding="utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception; find the precise reason for the message
-        _read_json(tok_file, required=True)  # raises on malformed JSON
+        _read_json(tok_file)  # raises on malformed JSON
         raise TokenizerError(f"{tok_file}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
 
     cfg_file, map_file = path / "tokenizer_config.json", path / "special_tokens_map.json"
-    config = _read_json(cfg_file, required=False) or {}
+    config = _read_json(cfg_file) or {}
     special = {k: _token_str(config.get(k), f"{cfg_file}: {k}") for k in SPECIAL_TOKEN_NAMES}
     if "added_tokens_decoder" not in config:  # transformers reads the legacy map only then, and lets it win
-        for k, v in (_read_json(map_file, required=False) or {}).items():
+        for k, v in (_read_json(map_file) or {}).items():
             if k in SPECIAL_TOKEN_NAMES:
                 special[k] = _token_str(v, f"{map_file}: {k}")
 
     template, template_problem = None, None
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():  # newer transformers; takes priority over the config entry
-        template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        source = str(jinja_file)
+        try:
+            template = jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja_file}: not UTF-8 text ({e})") from None
     else:
         raw, source = config.get("chat_template"), f"{cfg_file}: chat_template"
         if isinstance(raw, list):
@@ -94,7 +97,7 @@ class Tokenizer:
                  template_source: str = "chat template", template_problem: str | None = None,
                  split_special_tokens: bool = False, clean_up_spaces: bool = False):
         self._tok = backend
-        backend.no_truncation()  # transformers disables tokenizer.json padding/truncation per call
+        backend.no_truncation()  # transformers switches tokenizer.json's truncation/padding off per call
         backend.no_padding()
         backend.encode_special_tokens = split_special_tokens
         self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
@@ -204,7 +207,8 @@ class _GenerationTag(jinja2.ext.Extension):
 def _checked_messages(messages) -> list[dict]:
     """Validate a conversation; return copies without None-valued keys (transformers drops them)."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise TokenizerError(f"chat messages: expected a non-empty list of {{role, content}} dicts, got {messages!r:.80}")
+        raise TokenizerError(f"chat messages: expected a non-empty list of {{role, content}} dicts, "
+                             f"got {messages!r:.80}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

@@ -37,3 +37,10 @@ def llama_dir(tmp_path):
 def random_tokens(batch, length, vocab=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """A tiny Llama checkpoint with a trained byte-level BPE tokenizer and a ChatML template."""
+    from lmfoundry.demo import make_demo_checkpoint
+    return make_demo_checkpoint(tmp_path_factory.mktemp("demo") / "tiny")

@@ -129,3 +129,13 @@ def test_existing_destination_is_not_clobbered(ckpt, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     convert(ckpt, tmp_path / "out", to="llama", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_loaded_model_does_not_alias_the_checkpoint_files(ckpt):
+    model = load_model(ckpt)
+    before = model.embed.weight.clone()
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-4096:] = b"\x00" * 4096
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    assert all(torch.equal(a, b) for a, b in [(model.embed.weight, before)])
+    assert torch.isfinite(model.lm_head.weight).all()

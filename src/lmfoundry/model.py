@@ -19,7 +19,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import GenerationError
 
-_SDPA_HAS_GQA = "enable_gqa" in torch.nn.functional.scaled_dot_product_attention.__doc__
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)   # enable_gqa arrived in 2.5
 
 
 class RMSNorm(nn.Module):

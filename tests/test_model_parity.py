@@ -78,3 +78,19 @@ def test_logits_shape_and_last_only():
         full, last = model(tokens), model(tokens, last_only=True)
     assert full.shape == (3, 7, 512) and last.shape == (3, 1, 512)
     assert torch.allclose(full[:, -1:], last, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mistral", "tiny-solar-pro", "tiny-openelm"])
+def test_packed_documents_compute_what_each_document_computes_alone(preset):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset(preset)).eval()
+    lengths = [7, 20, 1, 12]
+    docs = [random_tokens(1, n, vocab=512, seed=k) for k, n in enumerate(lengths)]
+    packed = torch.cat(docs, 1)
+    doc_ids = torch.cat([torch.full((1, n), k) for k, n in enumerate(lengths)], 1)
+    with torch.no_grad():
+        together = model(packed, doc_ids=doc_ids)
+        alone = torch.cat([model(d) for d in docs], 1)
+        assert (together - alone).abs().max() <= TOL
+        # without doc_ids, later documents see earlier ones: the test can fail
+        assert (model(packed) - alone).abs().max() > 1e-3

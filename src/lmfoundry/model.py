@@ -188,11 +188,14 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, pad=None) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device, pad)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                doc_ids: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
 
         With a cache, the tokens continue the cached sequence and their keys/values are
-        appended to it.
+        appended to it. `doc_ids` [B, T] marks packed documents (training): a token attends
+        only to earlier tokens of its own document, and RoPE positions restart at 0 at every
+        document start, so a packed row computes exactly what each document computes alone.
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -200,12 +203,18 @@ class Transformer(nn.Module):
             raise GenerationError(f"KV cache holds {cache.max_len} tokens; cannot append {T} after {start}")
         pad = cache.pad if cache is not None else None
         slots = torch.arange(start, start + T, device=tokens.device)
-        positions = slots[None] if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
+        if doc_ids is not None:
+            positions = slots[None] - _doc_starts(doc_ids)
+        else:
+            positions = slots[None] if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
         freqs = positions[..., None].float() * self.inv_freq          # [B or 1, T, hd/2], fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # [B or 1, 1, T, hd]
         x = self.embed(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = self._mask(start, T, pad, tokens.device)
+        if doc_ids is not None:
+            same_doc = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+            mask = same_doc & (mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril())
 
         saved = [None] * len(self.config.skip_save)
         w = self.config.skip_weights[0 if self.training else 1]
@@ -238,3 +247,12 @@ class Transformer(nn.Module):
             # padding keys are never seen; a padding query sees itself so no row is empty
             allowed = (allowed & (k >= pad[:, None, None, None])) | (k == q)
         return allowed
+
+
+def _doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """For each token, the index of the first token of its document (documents are contiguous)."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values

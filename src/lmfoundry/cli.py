@@ -178,6 +178,18 @@ def cmd_quickstart(args):
         raise LMFoundryError("KV-cache decoding disagreed with the full forward")
 
 
+def cmd_upscale(args):
+    from .scale.upscale import upscale
+    t0 = time.perf_counter()
+    result = upscale(args.src, args.out, drop=args.drop, layers=args.layers, target_layers=args.target_layers,
+                     seam=args.seam, seam_width=args.seam_width, expand=args.expand,
+                     dtype=None if args.dtype == "auto" else args.dtype, max_shard_size=args.max_shard_size,
+                     dry_run=args.dry_run, overwrite=args.force, progress=True)
+    if args.dry_run:
+        print(result.describe())
+    print(f"{result.summary()} in {time.perf_counter() - t0:.1f}s")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="lmfoundry", description="Build, grow, train, merge, evaluate and serve "
                                 "Llama-family models as plain Hugging Face checkpoints.")
@@ -205,6 +217,23 @@ def build_parser():
     v.add_argument("--max-shard-size", default="5GB")
     v.add_argument("--force", action="store_true", help="replace DST if it exists")
     v.set_defaults(fn=cmd_convert)
+
+    u = sub.add_parser("upscale", help="Depth Up-Scaling (SOLAR) and block expansion (LLaMA-Pro), streamed")
+    u.add_argument("src", help="a Hugging Face checkpoint directory")
+    u.add_argument("out", help="where to write the upscaled checkpoint (same format as SRC)")
+    u.add_argument("--drop", metavar="M", help="SOLAR DUS: keep layers [0, n-M) of one copy and [M, n) of "
+                   "another, 2(n-M) layers (n=32, M=8 -> 48)")
+    u.add_argument("--layers", metavar="SLICES", help="half-open source slices to stack, e.g. 0:24,8:32")
+    u.add_argument("--target-layers", metavar="S", help="SOLAR DUS to S layers (M = n - S/2)")
+    u.add_argument("--seam", default="stack", help="stack (default) or average: around each seam, average the "
+                   "two copies' layers at the same position")
+    u.add_argument("--seam-width", default=1, metavar="K", help="layers averaged on each side of a seam (1)")
+    u.add_argument("--expand", metavar="P", help="then add P identity blocks, one after every n/P layers (LLaMA-Pro)")
+    u.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep)")
+    u.add_argument("--max-shard-size", default="5GB")
+    u.add_argument("--dry-run", action="store_true", help="print the plan, sizes and peak memory; write nothing")
+    u.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    u.set_defaults(fn=cmd_upscale)
 
     i = sub.add_parser("info", help="describe a checkpoint directory or a preset")
     i.add_argument("model")

@@ -1,0 +1,2 @@
+"""Growing and combining checkpoints without building a model: Depth Up-Scaling, block expansion, merges."""
+from .upscale import plan_layers, upscale  # noqa: F401

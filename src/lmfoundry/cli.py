@@ -190,6 +190,168 @@ def cmd_upscale(args):
     print(f"{result.summary()} in {time.perf_counter() - t0:.1f}s")
 
 
+def cmd_merge(args):
+    from .scale.merge import merge
+    t0 = time.perf_counter()
+    result = merge(args.recipe, args.out, dry_run=args.dry_run, overwrite=args.force, seed=args.random_seed,
+                   max_shard_size=args.max_shard_size, progress=not args.dry_run)
+    if args.dry_run:
+        print(result.describe())
+        print("dry run: nothing written")
+    else:
+        print(f"wrote {result} in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_tokenizer_train(args):
+    from .tokenizer_train import DEFAULT_SPECIAL_TOKENS, train_tokenizer
+    t0 = time.perf_counter()
+    out = train_tokenizer(args.files, args.out, args.vocab_size, [*DEFAULT_SPECIAL_TOKENS, *args.special_token],
+                          text_field=args.text_field, overwrite=args.force, progress=True)
+    from .tokenizer import load_tokenizer
+    print(f"wrote {out} ({load_tokenizer(out).vocab_size:,} tokens) in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_tokenizer_report(args):
+    from .tokenizer_train import compression_report, format_report
+    print(format_report(compression_report(args.tokenizer, args.files, text_field=args.text_field)))
+
+
+def cmd_tokenize(args):
+    import os
+
+    from .data import tokenize_corpus
+    t0 = time.perf_counter()
+    workers = args.workers or os.cpu_count() or 1
+    ds = tokenize_corpus(args.files, args.tokenizer, args.out, text_field=args.text_field, workers=workers,
+                         txt_mode=args.txt_mode)
+    what = "reused (inputs unchanged)" if ds.reused else f"written in {time.perf_counter() - t0:.1f}s"
+    print(f"{ds.path}: {len(ds):,} documents, {ds.num_tokens:,} tokens ({ds.dtype.name}), {what}")
+
+
+def _train_args(p, verb):
+    """Flags for pretrain/sft/dpo, built from lmfoundry.train.recipe.SETTINGS. Unset flags stay
+    out of the namespace (SUPPRESS), so --config values win over defaults and flags over both."""
+    from .train.recipe import settings_for
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file (the same names as the flags); flags win")
+    for name, (kind, default, help_, _) in settings_for(verb).items():
+        flag = "--" + name.replace("_", "-")
+        shown = default.get(verb) if isinstance(default, dict) else default
+        text = help_ + (f" (default: {shown})" if shown is not None and not isinstance(shown, bool) else "")
+        if kind is None:
+            continue                                   # YAML-only settings
+        if kind is bool and default is True:
+            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                           default=argparse.SUPPRESS, help="do not: " + help_)
+        elif kind is bool:
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
+        elif kind is list:
+            p.add_argument(flag, nargs="+", metavar="FILE", default=argparse.SUPPRESS, help=text)
+        else:
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+    p.set_defaults(fn=cmd_train, verb_name=verb)
+
+
+def cmd_train(args):
+    """pretrain | sft | dpo: also under `torchrun --nproc_per_node N -m lmfoundry ...`."""
+    from .train.recipe import resolve, run
+    flags = {k: v for k, v in vars(args).items() if k not in ("fn", "verb", "verb_name", "debug", "config")}
+    run(args.verb_name, resolve(args.verb_name, flags, args.config))
+
+
+def _eval_lm(args):
+    from .eval import LM
+    return LM.load(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+                   max_length=getattr(args, "max_length", None), share_prefix=not getattr(args, "no_share_prefix", False))
+
+
+def _write_json(path, obj):
+    import json
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    tmp.replace(path)
+
+
+def cmd_eval(args):
+    """Benchmarks on local files in the datasets' own schemas (lm-eval prompts), or perplexity."""
+    from .errors import LMFoundryError as _Err
+    from .eval import evaluate, format_table, perplexity
+    if args.perplexity is None and not args.tasks and not args.leaderboard:
+        raise _Err("give --tasks (with --data-dir), --leaderboard, or --perplexity FILE")
+    if (args.tasks or args.leaderboard) and args.data_dir is None:
+        raise _Err("--tasks / --leaderboard need --data-dir DIR (one <task>.jsonl or .parquet per task)")
+    lm = _eval_lm(args)
+    if args.perplexity is not None:
+        res = perplexity(lm, args.perplexity)
+        r = res["results"]["perplexity"]
+        print(f"perplexity of {args.perplexity}: {r['token_perplexity']:.4f} per token over {r['tokens']} tokens "
+              f"(word {r['word_perplexity']:.4f}, byte {r['byte_perplexity']:.4f}, bits/byte {r['bits_per_byte']:.4f})")
+    else:
+        tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+        res = evaluate(lm, tasks, args.data_dir, num_fewshot=args.fewshot, limit=args.limit,
+                       leaderboard=args.leaderboard, seed=args.seed, log_samples=args.log_samples,
+                       apply_chat_template=args.apply_chat_template, max_gen_toks=args.max_gen_toks)
+        print(format_table(res))
+    if args.out:
+        _write_json(args.out, res)
+        print(f"wrote {args.out} ({res['total_evaluation_time_seconds']:.1f}s)", file=sys.stderr)
+
+
+def cmd_judge(args):
+    """MT-Bench / KoMT-Bench / LogicKor: generate answers, grade them with an OpenAI-compatible judge."""
+    import os
+
+    from .eval.judge import JudgeClient, format_summary, run_judge_benchmark
+    lm = None if args.answers else _eval_lm(args)
+    key = args.judge_key if args.judge_key is not None else os.environ.get("OPENAI_API_KEY")
+    out = Path(args.out)
+    judge = JudgeClient(args.judge_url, key, args.judge_model,
+                        cache=args.cache or out / "judge_cache.jsonl", max_tokens=args.judge_max_tokens)
+    summary = run_judge_benchmark(lm, args.questions, args.bench, judge, out, strategy=args.strategy,
+                                  answers_path=args.answers, judge_prompts_path=args.judge_prompts,
+                                  references_path=args.reference, max_new_tokens=args.max_new_tokens,
+                                  limit=args.limit, model_id=args.model_id or Path(args.model).name)
+    print(format_summary(summary))
+    print(f"wrote {out / 'summary.json'}", file=sys.stderr)
+
+
+def cmd_redteam(args):
+    """Red-team prompts -> responses -> pass / fail / skipped per category."""
+    import os
+
+    from .eval import redteam as rt
+    records = rt.read_prompts(args.prompts)
+    if args.limit:
+        records = records[:args.limit]
+    if args.responses:
+        from .eval.data import read_records
+        by_id = {r.get("id"): r.get("response", "") for r in read_records(args.responses)}
+        responses = [by_id.get(r["id"], "") for r in records]
+    else:
+        responses = rt.generate_responses(_eval_lm(args), records, max_new_tokens=args.max_new_tokens)
+    judge = None
+    if args.judge_url:
+        from .eval.judge import JudgeClient
+        key = args.judge_key if args.judge_key is not None else os.environ.get("OPENAI_API_KEY")
+        judge = JudgeClient(args.judge_url, key, args.judge_model, cache=Path(args.out).with_suffix(".cache.jsonl"))
+    verdicts = rt.run_redteam(records, responses, judge)
+    table = rt.table(verdicts)
+    print(rt.format_table(table))
+    rt.write_verdicts(args.out, verdicts, {"model": args.model, "prompts": str(args.prompts),
+                                           "classifier": verdicts[0]["judge"] if verdicts else None, "table": table})
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def cmd_serve(args):
+    from .serve.api import api_key_from_env, serve
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
+          max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
+          max_model_len=args.max_model_len, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+          served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
+          log_level=args.log_level)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="lmfoundry", description="Build, grow, train, merge, evaluate and serve "
                                 "Llama-family models as plain Hugging Face checkpoints.")
@@ -234,6 +396,126 @@ def build_parser():
     u.add_argument("--dry-run", action="store_true", help="print the plan, sizes and peak memory; write nothing")
     u.add_argument("--force", action="store_true", help="replace OUT if it exists")
     u.set_defaults(fn=cmd_upscale)
+
+    mg = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML recipe, streamed")
+    mg.add_argument("recipe", help="a mergekit YAML recipe (models: or slices:, merge_method, parameters)")
+    mg.add_argument("out", help="where to write the merged checkpoint (the base model's format)")
+    mg.add_argument("--dry-run", action="store_true", help="print the plan, sizes and peak memory; write nothing")
+    mg.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    mg.add_argument("--random-seed", type=int, default=0, help="seed of DARE's per-tensor masks (0)")
+    mg.add_argument("--max-shard-size", default="5GB")
+    mg.set_defaults(fn=cmd_merge)
+
+    tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer; report its compression")
+    tk_sub = tk.add_subparsers(dest="tokenizer_verb", required=True, metavar="ACTION")
+    tt = tk_sub.add_parser("train", help="train on .txt/.jsonl/.parquet files; write tokenizer.json + "
+                           "tokenizer_config.json (ChatML chat template)")
+    tt.add_argument("files", nargs="+", help="data files or directories")
+    tt.add_argument("--out", required=True, help="tokenizer directory to write")
+    tt.add_argument("--vocab-size", type=int, required=True)
+    tt.add_argument("--special-token", action="append", default=[], metavar="T",
+                    help="a special token besides <|pad|> <s> </s> <|im_start|> <|im_end|> (repeatable)")
+    tt.add_argument("--text-field", default="text", help="the text field of .jsonl records / .parquet column")
+    tt.add_argument("--force", action="store_true", help="replace a tokenizer already in OUT")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+    tr = tk_sub.add_parser("report", help="tokens per word and characters per token, per file (EXAONE's table)")
+    tr.add_argument("tokenizer", help="a tokenizer or checkpoint directory")
+    tr.add_argument("files", nargs="+", help="data files, e.g. one English and one Korean")
+    tr.add_argument("--text-field", default="text")
+    tr.set_defaults(fn=cmd_tokenizer_report)
+
+    tz = sub.add_parser("tokenize", help="tokenize a corpus once into memory-mapped token shards for training")
+    tz.add_argument("files", nargs="+", help=".txt/.jsonl/.parquet files or directories")
+    tz.add_argument("--tokenizer", required=True, help="a tokenizer or checkpoint directory")
+    tz.add_argument("--out", required=True, help="dataset directory (reused when the inputs are unchanged)")
+    tz.add_argument("--text-field", default="text")
+    tz.add_argument("--txt-mode", default="paragraph", choices=["paragraph", "line", "file"],
+                    help="what one document of a .txt file is (paragraph: separated by blank lines)")
+    tz.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: one per CPU core)")
+    tz.set_defaults(fn=cmd_tokenize)
+
+    for verb, help_ in (("pretrain", "pretrain or continue pretraining (next-token loss on packed documents)"),
+                        ("sft", "supervised fine-tuning on chat data (loss on assistant tokens only)"),
+                        ("dpo", "preference alignment with DPO (sigmoid, label smoothing) or IPO")):
+        _train_args(sub.add_parser(verb, help=help_), verb)
+
+    ev = sub.add_parser("eval", help="benchmarks (lm-eval prompts) on local task files, the H6 leaderboard, "
+                        "or perplexity")
+    _model_arg(ev)
+    ev.add_argument("--tasks", default=None, help="comma-separated: arc_challenge, arc_easy, hellaswag, mmlu "
+                    "(or mmlu_<subject>), truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k")
+    ev.add_argument("--data-dir", default=None, help="holds <task>.jsonl (or .parquet) in the dataset's schema, "
+                    "plus optional <task>.train/.dev.jsonl few-shot pools")
+    ev.add_argument("--fewshot", type=int, default=None, help="shots for every task (default: lm-eval's per task)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N documents of each (sub)task")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-length", type=int, default=None, help="context to use (default: the model's)")
+    ev.add_argument("--leaderboard", action="store_true", help="Open LLM Leaderboard v1: 25/10/5/0/5/5 shots, "
+                    "harness b281b09 protocol; prints the H6 table and average")
+    ev.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (lm-eval's default 1234)")
+    ev.add_argument("--max-gen-toks", type=int, default=None, help="generation budget for GSM8K (default 256)")
+    ev.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template "
+                    "(shots as turns)")
+    ev.add_argument("--log-samples", action="store_true", help="per-sample prompts, outputs and scores in the JSON")
+    ev.add_argument("--no-share-prefix", action="store_true", help="score every choice with its full context "
+                    "(no KV-cache reuse)")
+    ev.add_argument("--perplexity", default=None, metavar="FILE", help="token/word/byte perplexity of a .txt "
+                    "(one document) or .jsonl ({text}) file")
+    ev.add_argument("--out", default=None, help="results.json (lm-eval's shape)")
+    ev.set_defaults(fn=cmd_eval)
+
+    jd = sub.add_parser("judge", help="MT-Bench / KoMT-Bench / LogicKor graded by an OpenAI-compatible judge")
+    _model_arg(jd)
+    jd.add_argument("--bench", required=True, choices=["mt-bench", "komt-bench", "logickor"])
+    jd.add_argument("--questions", required=True, help="the benchmark's question file (jsonl/parquet)")
+    jd.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    jd.add_argument("--judge-key", default=None, help="API key (default: $OPENAI_API_KEY)")
+    jd.add_argument("--judge-model", default="gpt-4-0613")
+    jd.add_argument("--judge-max-tokens", type=int, default=2048)
+    jd.add_argument("--judge-prompts", default=None, help="FastChat judge_prompts file (KoMT: judge_prompts_ko.jsonl)")
+    jd.add_argument("--reference", default=None, help="FastChat reference_answer/<model>.jsonl")
+    jd.add_argument("--strategy", default="default", choices=["default", "1-shot", "cot-1-shot"],
+                    help="LogicKor prompt strategy (default = 0-shot)")
+    jd.add_argument("--answers", default=None, help="grade existing answers (model_answer or LogicKor generated)")
+    jd.add_argument("--model-id", default=None)
+    jd.add_argument("--max-new-tokens", type=int, default=1024)
+    jd.add_argument("--batch-size", type=int, default=8)
+    jd.add_argument("--limit", type=int, default=None)
+    jd.add_argument("--cache", default=None, help="judgment cache (default: OUT/judge_cache.jsonl)")
+    jd.add_argument("--out", required=True, help="output directory")
+    jd.set_defaults(fn=cmd_judge)
+
+    rtp = sub.add_parser("redteam", help="red-team prompts -> responses -> pass/fail/skipped by category")
+    _model_arg(rtp)
+    rtp.add_argument("--prompts", required=True, help="jsonl/parquet: {id, category, prompt, [harmful], ...}")
+    rtp.add_argument("--responses", default=None, help="use these {id, response} instead of generating")
+    rtp.add_argument("--judge-url", default=None, help="OpenAI-compatible judge (default: local keyword classifier)")
+    rtp.add_argument("--judge-key", default=None)
+    rtp.add_argument("--judge-model", default="gpt-4-0613")
+    rtp.add_argument("--max-new-tokens", type=int, default=256)
+    rtp.add_argument("--batch-size", type=int, default=8)
+    rtp.add_argument("--limit", type=int, default=None)
+    rtp.add_argument("--out", required=True, help="verdicts.jsonl (+ .summary.json)")
+    rtp.set_defaults(fn=cmd_redteam)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _model_arg(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 "
+                    "(default: $LMFOUNDRY_API_KEY, else no key)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
+    sv.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond the batch; "
+                    "more get 429")
+    sv.add_argument("--kv-budget", type=int, default=None, help="KV-cache tokens running requests may reserve "
+                    "(prompt + max_tokens each; default: max-batch x context)")
+    sv.add_argument("--max-model-len", type=int, default=None, help="tokens per request (prompt + output) and "
+                    "per cache row (default: the model's context); the cache is max-batch x this, allocated up front")
+    sv.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get "
+                    "to finish on SIGTERM before they are cancelled")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sv.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="describe a checkpoint directory or a preset")
     i.add_argument("model")

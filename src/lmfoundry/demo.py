@@ -13,11 +13,9 @@ import torch
 from .checkpoint import write_checkpoint
 from .config import ModelConfig
 from .model import Transformer
+from .tokenizer_train import CHATML, DEFAULT_SPECIAL_TOKENS, train_bpe
 
-SPECIAL_TOKENS = ["<|pad|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-          "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL_TOKENS = list(DEFAULT_SPECIAL_TOKENS)
 CORPUS = """\
 Depth up-scaling copies a base model, drops the last layers of one copy and the first layers of the other, and stacks them.
 The stacked model starts a little worse than the base model and recovers quickly with continued pretraining.
@@ -34,17 +32,7 @@ A train travels 60 kilometres in one hour. How far does it travel in 3 hours? 60
 
 def train_demo_tokenizer(vocab_size: int = 512, text: str = CORPUS):
     """A byte-level BPE (tokenizers library) that adds <s> in front of every sequence."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text.splitlines(), trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return tok
+    return train_bpe(text.splitlines(), vocab_size, SPECIAL_TOKENS, bos_token="<s>")
 
 
 def make_demo_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:

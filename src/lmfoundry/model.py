@@ -3,7 +3,8 @@
 Pre-norm residual blocks of RMSNorm -> attention (RoPE in the Hugging Face rotate-half
 layout, MHA/GQA/MQA through scaled_dot_product_attention, optional q/k RMSNorm, optional
 sliding window) and RMSNorm -> SwiGLU. Solar Pro's weighted skip connections blend a saved
-residual stream back in before chosen layers. A static KV cache serves decoding.
+residual stream back in before chosen layers. A static KV cache serves decoding, with one
+length for the whole batch (generate) or one per row (continuous batching in serve/).
 
 Parameter names are the canonical layout (ModelConfig.shapes()); checkpoint formats map
 them to each architecture's Hugging Face names.
@@ -69,19 +70,50 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Preallocated keys and values for every layer, [B, n_kv_heads, max_len, head_dim].
 
-    `pad` (LongTensor [B]) counts left-padding slots per row: those keys are never attended
-    to and RoPE positions start after them, so a left-padded batch decodes exactly like each
-    row alone.
+    Shared-length mode (static batches): all rows hold `length` tokens. `pad` (LongTensor [B])
+    counts left-padding slots per row: those keys are never attended to and RoPE positions
+    start after them, so a left-padded batch decodes exactly like each row alone.
+
+    Per-row mode (`per_row=True`, continuous batching): `lengths` (LongTensor [B]) holds each
+    row's own token count. A forward with tokens [B, T] writes row b's keys at positions
+    lengths[b] .. lengths[b]+T-1 (also its RoPE positions), lets row b see only its keys
+    [0, lengths[b]+t], and advances every row by T. `row(b, length)` is a shared-length view of
+    one row, for prefilling a sequence into it while the other rows wait; `rows(lo, hi)` is a
+    per-row view of a range of rows. Views share storage with the cache they came from.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None, pad=None):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None, pad=None,
+                 per_row: bool = False):
         self.max_len = max_len
         self.k = [torch.zeros(batch, kv, max_len, cfg.head_dim, dtype=dtype, device=device) for kv in cfg.n_kv_heads]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.length = 0
         self.pad = None if pad is None or not bool((pad > 0).any()) else pad.to(device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device) if per_row else None
+        self._end = 0   # per-row mode: keys [0, _end) are read by the current forward
 
-    def update(self, layer: int, k, v, start: int):
+    @classmethod
+    def _view(cls, k, v, max_len, length=0, lengths=None) -> "KVCache":
+        view = cls.__new__(cls)
+        view.k, view.v, view.max_len, view.length, view.pad = k, v, max_len, length, None
+        view.lengths, view._end = lengths, 0
+        return view
+
+    def row(self, b: int, length: int = 0) -> "KVCache":
+        """Row b as a one-row, shared-length cache already holding `length` tokens."""
+        return KVCache._view([k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v], self.max_len, length)
+
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """Rows [lo, hi) in per-row mode (their lengths advance in this cache too)."""
+        return KVCache._view([k[lo:hi] for k in self.k], [v[lo:hi] for v in self.v], self.max_len,
+                             lengths=self.lengths[lo:hi])
+
+    def update(self, layer: int, k, v, start):
+        if self.lengths is not None:   # start: positions [B, T], one write per row
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, start] = k.transpose(1, 2)
+            self.v[layer][rows, :, start] = v.transpose(1, 2)
+            return self.k[layer][:, :, :self._end], self.v[layer][:, :, :self._end]
         end = start + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -185,8 +217,8 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
-    def new_cache(self, batch: int, max_len: int, pad=None) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device, pad)
+    def new_cache(self, batch: int, max_len: int, pad=None, per_row: bool = False) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.dtype, self.device, pad, per_row)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 doc_ids: torch.Tensor | None = None):
@@ -198,20 +230,31 @@ class Transformer(nn.Module):
         document start, so a packed row computes exactly what each document computes alone.
         """
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise GenerationError(f"KV cache holds {cache.max_len} tokens; cannot append {T} after {start}")
-        pad = cache.pad if cache is not None else None
-        slots = torch.arange(start, start + T, device=tokens.device)
-        if doc_ids is not None:
-            positions = slots[None] - _doc_starts(doc_ids)
+        per_row = cache is not None and cache.lengths is not None
+        if per_row:
+            if doc_ids is not None:
+                raise GenerationError("doc_ids (packed documents) cannot be combined with a per-row KV cache")
+            positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)   # [B, T]
+            end = int(cache.lengths.max()) + T
+            if end > cache.max_len:
+                raise GenerationError(f"KV cache holds {cache.max_len} tokens per row; cannot append {T} "
+                                      f"after {end - T}")
+            cache._end, start = end, positions   # the cache writes row b at positions[b]
         else:
-            positions = slots[None] if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
+            start = cache.length if cache is not None else 0
+            if cache is not None and start + T > cache.max_len:
+                raise GenerationError(f"KV cache holds {cache.max_len} tokens; cannot append {T} after {start}")
+            pad = cache.pad if cache is not None else None
+            slots = torch.arange(start, start + T, device=tokens.device)
+            if doc_ids is not None:
+                positions = slots[None] - _doc_starts(doc_ids)
+            else:
+                positions = slots[None] if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
         freqs = positions[..., None].float() * self.inv_freq          # [B or 1, T, hd/2], fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # [B or 1, 1, T, hd]
         x = self.embed(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = self._mask(start, T, pad, tokens.device)
+        mask = self._row_mask(positions, end) if per_row else self._mask(start, T, pad, tokens.device)
         if doc_ids is not None:
             same_doc = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
             mask = same_doc & (mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril())
@@ -224,12 +267,24 @@ class Transformer(nn.Module):
             for s in self._blends[i]:
                 x = saved[s] * w + x * (1 - w)   # Solar Pro: weight on the earlier, saved state
             x = layer(x, cos, sin, mask, cache, i, start)
-        if cache is not None:
+        if per_row:
+            cache.lengths += T
+        elif cache is not None:
             cache.length = start + T
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+
+    def _row_mask(self, positions: torch.Tensor, end: int):
+        """Per-row mode: [B, 1, T, end], query at positions[b, t] sees keys [0, positions[b, t]]
+        of its own row (within the sliding window, if any)."""
+        q = positions[:, None, :, None]
+        k = torch.arange(end, device=positions.device)
+        allowed = k <= q
+        if self.config.sliding_window is not None:
+            allowed = allowed & (q - k < self.config.sliding_window)
+        return allowed
 
     def _mask(self, start: int, T: int, pad, device):
         """Boolean attention mask [B or 1, 1, T, start+T], or None when plain causal will do."""

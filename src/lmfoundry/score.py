@@ -2,6 +2,9 @@
 
     token_logprobs(model, sequences)        log p(token_t | tokens_<t) for every token after the first
     loglikelihood(model, requests)          (sum of continuation log-probs, would greedy produce it)
+    loglikelihood_shared(model, requests)   the same numbers, each shared context run once (KV reuse)
+    loglikelihood_direct(model, requests)   the same numbers, feeding context + continuation[:-1]
+    rolling_loglikelihood(model, tokens, prefix_token)   a whole document in disjoint windows
 
 Sequences are sorted by length and right-padded into batches. With right padding a causal
 model needs no mask (padding only ever follows real tokens), so a sequence's scores do not
@@ -9,7 +12,7 @@ depend on what it is batched with beyond floating-point summation order.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +73,205 @@ def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
         n = len(cont)
         out.append((float(s["logprobs"][-n:].double().sum()), bool(s["greedy"][-n:].all())))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared-prefix scoring (multiple choice with KV-cache reuse) and direct window scoring.
+#
+#     loglikelihood_shared(model, requests, groups=None)   same results as loglikelihood, but
+#         each group of requests (by default: requests with the same context) runs its common
+#         prefix through the model once; the KV cache is then copied across the group's rows and
+#         only the remainders (the continuations, plus whatever context tokens differ) are run,
+#         right-padded. Logits are only computed where a continuation token is predicted.
+#     loglikelihood_direct(model, requests)   ctx + cont[:-1] is fed (so len(ctx) + len(cont) may
+#         reach max_seq_len + 1, as lm-eval's windows do); no prefix sharing.
+#     rolling_loglikelihood(model, tokens, prefix_token)   a whole document in disjoint windows,
+#         every token predicted once (lm-eval's loglikelihood_rolling); returns (sum, n_tokens).
+# ---------------------------------------------------------------------------------------------
+
+def _check_requests(model, requests, what="request"):
+    limit, V = model.config.max_seq_len, model.config.vocab_size
+    for i, (ctx, cont) in enumerate(requests):
+        if len(ctx) == 0 or len(cont) == 0:
+            raise GenerationError(f"{what} {i}: context and continuation must both be non-empty")
+        n = len(ctx) + len(cont) - 1
+        if n > limit:
+            raise GenerationError(f"{what} {i}: context + continuation feed {n} tokens; the model's context is "
+                                  f"{limit} (truncate the context first)")
+        lo, hi = min(min(ctx), min(cont)), max(max(ctx), max(cont))
+        if lo < 0 or hi >= V:
+            raise GenerationError(f"{what} {i}: token ids outside [0, {V})")
+
+
+def _common_prefix(seqs) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _sum_and_greedy(logp: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
+    """logp [n, V] fp32 log-probs at the positions predicting `targets` [n]."""
+    picked = logp.gather(-1, targets[:, None])[:, 0]
+    return float(picked.double().sum()), bool((logp.argmax(-1) == targets).all())
+
+
+@torch.inference_mode()
+def loglikelihood_direct(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16,
+                         on_batch: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
+    """(sum of continuation log-probs, greedy?) for each (context, continuation), feeding
+    context + continuation[:-1] right-padded, longest first (batch-invariant like token_logprobs)."""
+    requests = [(list(c), list(x)) for c, x in requests]
+    _check_requests(model, requests)
+    was_training = model.training
+    model.eval()
+    out: list = [None] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    try:
+        for b in range(0, len(order), batch_size):
+            rows = order[b:b + batch_size]
+            fed = [requests[i][0] + requests[i][1][:-1] for i in rows]
+            T = max(map(len, fed))
+            batch = torch.zeros(len(rows), T, dtype=torch.long)
+            for r, s in enumerate(fed):
+                batch[r, :len(s)] = torch.tensor(s)
+            logits = model(batch.to(model.device))
+            for r, i in enumerate(rows):
+                ctx, cont = requests[i]
+                end = len(fed[r])
+                logp = F.log_softmax(logits[r, end - len(cont):end].float(), dim=-1)
+                out[i] = _sum_and_greedy(logp, torch.tensor(cont, device=logp.device))
+            if on_batch is not None:
+                on_batch(len(rows))
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def loglikelihood_shared(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16,
+                         groups: Sequence | None = None,
+                         on_batch: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
+    """Like `loglikelihood`, computing each group's shared prefix once.
+
+    `groups[i]` is a hashable key; requests with equal keys share a prefix (the longest common
+    token prefix of their context+continuation, never extending into a continuation). By default
+    requests with identical context tokens form a group, which is multiple-choice scoring.
+    Contexts of a batch are left-padded (the cache masks the padding and starts RoPE positions
+    after it), the prefill's KV cache is copied across each group's rows and the remainders run
+    right-padded, so every row computes what it would alone (batch-invariant to ~1e-6 in fp32).
+    `batch_size` bounds the rows of every forward: up to batch_size groups are prefilled together,
+    then their requests run batch_size at a time, longest remainder first.
+    """
+    requests = [(list(c), list(x)) for c, x in requests]
+    _check_requests(model, requests)
+    if groups is None:
+        groups = [tuple(c) for c, _ in requests]
+    if len(groups) != len(requests):
+        raise GenerationError(f"groups has {len(groups)} entries for {len(requests)} requests")
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    # (prefix length, request indices); a group whose sequences share no first token is split
+    units: list[tuple[int, list[int]]] = []
+    for idx in members.values():
+        seqs = [requests[i][0] + requests[i][1] for i in idx]
+        p = min(_common_prefix(seqs), min(len(requests[i][0]) for i in idx))
+        if p == 0:
+            units.extend((len(requests[i][0]), [i]) for i in idx)
+        else:
+            units.append((p, idx))
+
+    def remainder(i, p):   # tokens fed after the prefix: the rest of ctx + cont, without cont's last token
+        ctx, cont = requests[i]
+        return (ctx + cont)[p:-1]
+
+    # Up to batch_size groups are prefilled together (longest prefixes first); their rows are then
+    # sorted by remainder length and run batch_size at a time, so neither pass pads much.
+    units.sort(key=lambda u: -u[0])
+    was_training = model.training
+    model.eval()
+    out: list = [None] * len(requests)
+    try:
+        for b in range(0, len(units), batch_size):
+            _shared_batch(model, requests, units[b:b + batch_size], remainder, out, batch_size, on_batch)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _shared_batch(model, requests, batch, remainder, out, batch_size, on_batch):
+    device = model.device
+    G = len(batch)
+    P = max(p for p, _ in batch)
+    pad = torch.tensor([P - p for p, _ in batch], device=device)
+    prefix = torch.zeros(G, P, dtype=torch.long)
+    for g, (p, idx) in enumerate(batch):
+        prefix[g, P - p:] = torch.tensor(requests[idx[0]][0][:p])
+    cache = model.new_cache(G, P, pad=pad)
+    last = model(prefix.to(device), cache, last_only=True)[:, -1]            # [G, V]: predicts token p
+    rows = sorted(((g, i, remainder(i, batch[g][0])) for g, (_, idx) in enumerate(batch) for i in idx),
+                  key=lambda row: -len(row[2]))
+    for c in range(0, len(rows), batch_size):
+        chunk = rows[c:c + batch_size]
+        R = len(chunk[0][2])
+        rem_logits = None
+        if R > 0:
+            row_map = torch.tensor([g for g, _, _ in chunk], device=device)
+            sub = model.new_cache(len(chunk), P + R, pad=pad.index_select(0, row_map))
+            for layer in range(len(sub.k)):
+                sub.k[layer][:, :, :P] = cache.k[layer].index_select(0, row_map)
+                sub.v[layer][:, :, :P] = cache.v[layer].index_select(0, row_map)
+            sub.length = P
+            rem = torch.zeros(len(chunk), R, dtype=torch.long)
+            for r, (_, _, toks) in enumerate(chunk):
+                if toks:
+                    rem[r, :len(toks)] = torch.tensor(toks)
+            rem_logits = model(rem.to(device), sub)                           # [n, R, V]
+        for r, (g, i, _) in enumerate(chunk):
+            p = batch[g][0]
+            ctx, cont = requests[i]
+            first = len(ctx) - 1          # position (in ctx + cont) whose logits predict cont[0]
+            parts = []
+            if first == p - 1:
+                parts.append(last[g:g + 1])
+                first += 1
+            if first < len(ctx) + len(cont) - 1:
+                parts.append(rem_logits[r, first - p:len(ctx) + len(cont) - 1 - p])
+            logp = F.log_softmax(torch.cat(parts).float(), dim=-1)
+            out[i] = _sum_and_greedy(logp, torch.tensor(cont, device=logp.device))
+        if on_batch is not None:
+            on_batch(len(chunk))
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Disjoint (context, continuation) windows that predict every token of `tokens` exactly
+    once: the first is conditioned on `prefix_token`, each later one on the max_len tokens
+    before its end (lm-eval's get_rolling_token_windows + make_disjoint_window, context_len=1)."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_len, len(tokens))
+    windows = [([prefix_token], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        inp = tokens[max(end - max_len - 1, 0):end - 1]
+        windows.append((inp[:len(inp) - (n - 1)], tokens[done:end]))
+        done = end
+    return windows
+
+
+def rolling_loglikelihood(model, tokens: Sequence[int], prefix_token: int, batch_size: int = 16,
+                          max_len: int | None = None) -> tuple[float, int]:
+    """(total log-probability, number of tokens predicted) of a whole document."""
+    windows = rolling_windows(tokens, prefix_token, max_len or model.config.max_seq_len)
+    if not windows:
+        return 0.0, 0
+    scores = loglikelihood_direct(model, windows, batch_size)
+    return sum(s for s, _ in scores), len(tokens)

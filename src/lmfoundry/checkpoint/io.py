@@ -20,7 +20,6 @@ from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 
@@ -193,35 +192,134 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
         raise
 
 
-def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size=5_000_000_000):
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def safetensors_header(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
+    """The bytes that open a safetensors file holding `entries` (name, shape, dtype) in that order,
+    and the number of data bytes that must follow: an 8-byte little-endian header length, then the
+    JSON header (`__metadata__` {"format": "pt"}, dtype/shape/data_offsets per tensor) padded with
+    spaces to a multiple of 8 bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def _write_bytes(f, t: torch.Tensor):
+    """Append a tensor's raw (little-endian, row-major) bytes without another copy in memory."""
+    if t.numel():
+        f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _append(dst, src):
+    """Copy file src (from its start) to the end of file dst, in the kernel where it can."""
+    dst.flush()
+    try:
+        n = os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30)
+    except (AttributeError, OSError):        # nothing copied yet: go through user space
+        shutil.copyfileobj(src, dst, 1 << 24)
+        return
+    while n:
+        n = os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30)
+
+
+def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size=5_000_000_000,
+                      specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
     """Stream (name, tensor) pairs into shards of at most max_shard_size bytes.
 
     One shard is written as model.safetensors; several as model-0000k-of-0000n.safetensors
-    with model.safetensors.index.json, as Hugging Face does. Only the current shard is held.
+    with model.safetensors.index.json, as Hugging Face does. Only the tensor in hand is held:
+    with `specs` (name, shape, dtype of every tensor, in the order `tensors` yields them) each
+    shard's header is written first and each tensor's bytes are appended as it arrives; without
+    them each shard's data is spooled to a temporary file and copied behind its header when the
+    shard is complete (one more pass over the bytes on disk, none in memory).
     """
     limit = parse_size(max_shard_size)
-    shards: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = total = 0
+    seen: set[str] = set()
 
-    def flush():
-        nonlocal current, current_bytes
-        if current:
-            save_file(current, str(directory / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
-            shards.append(list(current))
-            current, current_bytes = {}, 0
-
-    for name, t in tensors:
-        if name in current or any(name in s for s in shards):
+    def checked(t, name):
+        if name in seen:
             raise CheckpointError(f"tensor {name} written twice")
-        nbytes = t.numel() * t.element_size()
-        if current and current_bytes + nbytes > limit:
-            flush()
-        current[name] = t.contiguous()
-        current_bytes += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
+        seen.add(name)
+        return t.detach().to("cpu").contiguous()
+
+    shards: list[list[str]] = []
+    total = 0
+    if specs is not None:
+        specs = [(n, tuple(s), d) for n, s, d in specs]
+        groups, size = [], 0                     # the same greedy split as the spooling path
+        for spec in specs:
+            nbytes = math.prod(spec[1]) * spec[2].itemsize
+            if not groups or (groups[-1] and size + nbytes > limit):
+                groups.append([])
+                size = 0
+            groups[-1].append(spec)
+            size += nbytes
+        it = iter(tensors)
+        for k, group in enumerate(groups):
+            head, _ = safetensors_header(group)
+            with open(directory / f"shard-{k:05d}.tmp", "wb") as f:
+                f.write(head)
+                for name, shape, dtype in group:
+                    got = next(it, None)
+                    if got is None:
+                        raise CheckpointError(f"tensor {name} was promised but never produced")
+                    t = checked(got[1], got[0])
+                    if got[0] != name or tuple(t.shape) != shape or t.dtype != dtype:
+                        raise CheckpointError(f"expected tensor {name} {list(shape)} {dtype}, got {got[0]} "
+                                              f"{list(t.shape)} {t.dtype}")
+                    _write_bytes(f, t)
+                    total += t.numel() * t.element_size()
+                    del t, got
+            shards.append([n for n, _, _ in group])
+        extra = next(it, None)
+        if extra is not None:
+            raise CheckpointError(f"tensor {extra[0]} was not in the promised list")
+    else:
+        current: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        current_bytes = 0
+        spool = None
+
+        def flush():
+            nonlocal current, current_bytes, spool
+            if current:
+                spool.close()
+                head, _ = safetensors_header(current)
+                with open(directory / f"shard-{len(shards):05d}.tmp", "wb") as f, open(spool.name, "rb") as data:
+                    f.write(head)
+                    _append(f, data)
+                os.unlink(spool.name)
+                shards.append([n for n, _, _ in current])
+                current, current_bytes, spool = [], 0, None
+
+        for name, t in tensors:
+            t = checked(t, name)
+            nbytes = t.numel() * t.element_size()
+            if current and current_bytes + nbytes > limit:
+                flush()
+            if spool is None:
+                spool = open(directory / f"shard-{len(shards):05d}.data", "wb")
+            safetensors_header([(name, tuple(t.shape), t.dtype)])   # refuses dtypes safetensors lacks
+            _write_bytes(spool, t)
+            current.append((name, tuple(t.shape), t.dtype))
+            current_bytes += nbytes
+            total += nbytes
+            del t
+        flush()
+    if len(shards) <= 1:
+        if not shards:
+            with open(directory / "shard-00000.tmp", "wb") as f:
+                f.write(safetensors_header([])[0])
         os.replace(directory / "shard-00000.tmp", directory / SINGLE_NAME)
         return
     weight_map = {}

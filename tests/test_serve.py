@@ -325,3 +325,4 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(demo_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()

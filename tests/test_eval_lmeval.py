@@ -20,21 +20,21 @@ from lmfoundry.eval.samples import write_sample_data  # noqa: E402
 TASK_DIR = Path(lm_eval.__file__).parent / "tasks"
 
 
-def _lmeval_requests(tmp_path, name, include, files, num_fewshot, extra=""):
-    from lm_eval.tasks import TaskManager
-    ydir = tmp_path / f"yaml_{name}"
-    ydir.mkdir()
+def _task_yaml(ydir, name, include, files):
     (ydir / f"{name}.yaml").write_text(
         f"include: {TASK_DIR / include}\ntask: {name}\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files: {json.dumps({k: str(v) for k, v in files.items()})}\n{extra}")
+        f"dataset_kwargs:\n  data_files: {json.dumps({k: str(v) for k, v in files.items()})}\n")
+
+
+def _lmeval_task(manager, name, num_fewshot, **build):
     from lm_eval.tasks import get_task_dict
-    task = get_task_dict([name], TaskManager(include_path=str(ydir)))[name]
+    task = get_task_dict([name], manager)[name]
     task.set_config(key="num_fewshot", value=num_fewshot)
     task.set_fewshot_seed(seed=1234)
-    task.build_all_requests()
+    task.build_all_requests(**build)
     per_doc = {}
     for inst in task.instances:
-        per_doc.setdefault(inst.doc_id, []).append(inst.args)
+        per_doc.setdefault(inst.doc_id, []).append(tuple(inst.args))
     return [per_doc[i] for i in sorted(per_doc)]
 
 
@@ -48,6 +48,19 @@ def data(tmp_path_factory):
             with open(d / f"mmlu_{subject}{split}.lmeval.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows if r["subject"] == subject)
     return d
+
+
+@pytest.fixture(scope="module")
+def manager(data, tmp_path_factory):
+    """Every lm-eval task the tests use, pointed at the local sample files."""
+    from lm_eval.tasks import TaskManager
+    ydir = tmp_path_factory.mktemp("lmeval_yaml")
+    for task, include, files, _ in CASES:
+        _task_yaml(ydir, f"lme_{task}", include, {s: data / f for s, f in files.items()})
+    for subject in ("anatomy", "elementary_mathematics"):
+        _task_yaml(ydir, f"lme_mmlu_{subject}", f"mmlu/default/mmlu_{subject}.yaml",
+                   {"test": data / f"mmlu_{subject}.lmeval.jsonl", "dev": data / f"mmlu_{subject}.dev.lmeval.jsonl"})
+    return TaskManager(include_path=str(ydir))
 
 
 def _ours(data, task, k):
@@ -69,8 +82,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("task,include,files,k", CASES, ids=[c[0] for c in CASES])
-def test_prompts_byte_identical_to_lm_eval(tmp_path, data, task, include, files, k):
-    theirs = _lmeval_requests(tmp_path, f"lme_{task}", include, {s: data / f for s, f in files.items()}, k)
+def test_prompts_byte_identical_to_lm_eval(manager, data, task, include, files, k):
+    theirs = _lmeval_task(manager, f"lme_{task}", k)
     ours = _ours(data, task, k)
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
@@ -80,61 +93,41 @@ def test_prompts_byte_identical_to_lm_eval(tmp_path, data, task, include, files,
 
 
 @pytest.mark.parametrize("subject", ["anatomy", "elementary_mathematics"])
-def test_mmlu_prompts_byte_identical_to_lm_eval(tmp_path, data, subject):
-    files = {"test": data / f"mmlu_{subject}.lmeval.jsonl", "dev": data / f"mmlu_{subject}.dev.lmeval.jsonl"}
-    theirs = _lmeval_requests(tmp_path, f"lme_mmlu_{subject}", f"mmlu/default/mmlu_{subject}.yaml", files, 2)
+def test_mmlu_prompts_byte_identical_to_lm_eval(manager, data, subject):
+    theirs = _lmeval_task(manager, f"lme_mmlu_{subject}", 2)
     ours = [reqs for _, reqs in render_requests([f"mmlu_{subject}"], data, num_fewshot=2)[f"mmlu_{subject}"]]
     assert ours == [[tuple(r) for r in doc] for doc in theirs]
 
 
-def test_harness_adapter_runs_a_task_and_matches_our_evaluator(tmp_path, data, demo_dir):
+def test_harness_adapter_runs_a_task_and_matches_our_evaluator(manager, data, demo_dir):
     import lm_eval as le
 
     import lmfoundry.eval.harness  # noqa: F401  (registers "lmfoundry")
     from lmfoundry.eval import LM, evaluate
-    from lm_eval.tasks import TaskManager
-    ydir = tmp_path / "yaml"
-    ydir.mkdir()
-    files = {"train": str(data / "arc_easy.train.jsonl"), "test": str(data / "arc_easy.jsonl"),
-             "validation": str(data / "arc_easy.jsonl")}
-    (ydir / "lme_arc.yaml").write_text(f"include: {TASK_DIR / 'arc/arc_easy.yaml'}\ntask: lme_arc\n"
-                                       f"dataset_path: json\ndataset_name: null\n"
-                                       f"dataset_kwargs:\n  data_files: {json.dumps(files)}\n")
     out = le.simple_evaluate(model="lmfoundry", model_args=f"pretrained={demo_dir},batch_size=4",
-                             tasks=["lme_arc"], num_fewshot=1, task_manager=TaskManager(include_path=str(ydir)),
+                             tasks=["lme_arc_easy"], num_fewshot=1, task_manager=manager,
                              log_samples=True, bootstrap_iters=0)
-    theirs = out["results"]["lme_arc"]
+    theirs = out["results"]["lme_arc_easy"]
     ours = evaluate(LM.load(demo_dir, progress=False), ["arc_easy"], data, num_fewshot=1, log_samples=True)
     assert theirs["acc,none"] == pytest.approx(ours["results"]["arc_easy"]["acc"])
     assert theirs["acc_norm,none"] == pytest.approx(ours["results"]["arc_easy"]["acc_norm"])
     # per-choice log-likelihoods agree too
-    their_lls = [[r[0][0] for r in s["resps"]] for s in sorted(out["samples"]["lme_arc"], key=lambda s: s["doc_id"])]
+    their_lls = [[r[0][0] for r in s["resps"]]
+                 for s in sorted(out["samples"]["lme_arc_easy"], key=lambda s: s["doc_id"])]
     our_lls = [[ll for ll, _ in s["resps"]] for s in ours["samples"]["arc_easy"]]
     for a, b in zip(their_lls, our_lls):
         assert a == pytest.approx(b, abs=1e-5)
 
 
 @pytest.mark.parametrize("task,include,files,k", [CASES[1], CASES[3]], ids=["arc_easy", "winogrande"])
-def test_chat_template_prompts_match_lm_eval(tmp_path, data, demo_dir, task, include, files, k):
+def test_chat_template_prompts_match_lm_eval(manager, data, demo_dir, task, include, files, k):
     """--apply_chat_template (which implies --fewshot_as_multiturn): shots as user/assistant turns."""
     from lmfoundry.tokenizer import load_tokenizer
     tok = load_tokenizer(demo_dir)
 
     def chat(msgs, add_generation_prompt=True):
         return tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
-    from lm_eval.tasks import TaskManager, get_task_dict
-    ydir = tmp_path / "yaml"
-    ydir.mkdir()
-    name = f"lmechat_{task}"
-    (ydir / f"{name}.yaml").write_text(
-        f"include: {TASK_DIR / include}\ntask: {name}\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files: {json.dumps({s: str(data / f) for s, f in files.items()})}\n")
-    lt = get_task_dict([name], TaskManager(include_path=str(ydir)))[name]
-    lt.set_config(key="num_fewshot", value=k)
-    lt.set_fewshot_seed(seed=1234)
-    lt.build_all_requests(apply_chat_template=True, fewshot_as_multiturn=True, chat_template=chat)
-    theirs = {}
-    for inst in lt.instances:
-        theirs.setdefault(inst.doc_id, []).append(tuple(inst.args))
-    ours = render_requests([task], data, num_fewshot=k, chat=lambda m: chat(m))[task]
-    assert [r for _, r in ours] == [theirs[i] for i in sorted(theirs)]
+    theirs = _lmeval_task(manager, f"lme_{task}", k, apply_chat_template=True, fewshot_as_multiturn=True,
+                          chat_template=chat)
+    ours = render_requests([task], data, num_fewshot=k, chat=chat)[task]
+    assert [r for _, r in ours] == theirs

@@ -11,8 +11,8 @@ package, so use the module entry point above (it registers the adapter, then run
 own CLI with the same arguments).
 
 model_args: pretrained (checkpoint directory, required), dtype (auto / float32 / bfloat16 /
-float16), device, batch_size, max_length, share_prefix (true: each document's requests share
-one prefill, the KV cache is reused across the choices).
+float16), max_length, share_prefix (true: each document's requests share one prefill, the KV
+cache is reused across the choices). --batch_size and --device are lm_eval's own flags.
 
 The three request types go to lmfoundry's own primitives (eval.lm.LM): loglikelihood with
 lm-eval's context/continuation split and BOS policy, loglikelihood_rolling (disjoint windows,
@@ -39,6 +39,9 @@ class LMFoundryHarness(_HarnessLM):
     def __init__(self, pretrained: str, dtype: str = "auto", device: str | None = None, batch_size=16,
                  max_length=None, share_prefix=True, **kwargs):
         super().__init__()
+        import torch
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"   # lm_eval's CLI passes device="cuda" by default; HFLM falls back the same way
         bs = str(batch_size)
         if bs.startswith("auto"):
             bs = bs.split(":")[1] if ":" in bs else "16"

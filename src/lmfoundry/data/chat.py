@@ -31,7 +31,7 @@ import torch
 
 from ..errors import TokenizerError
 from . import DataError
-from .packing import IGNORE, _Pool, assemble, fill_row
+from .packing import IGNORE, _Pool, assemble, check_args, fill_row
 
 log = logging.getLogger("lmfoundry.data")
 
@@ -210,18 +210,6 @@ class _Overflow:
                         f"{self.dropped} dropped (first: {self.first})")
 
 
-def _check_args(seq_len, batch_size, seed, rank, world_size, epochs):
-    for what, v in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
-        if not isinstance(v, int) or v < 1:
-            raise DataError(f"{what} must be a positive integer, got {v!r}")
-    if not (isinstance(seed, int) and seed >= 0):
-        raise DataError(f"seed must be an integer >= 0, got {seed!r}")
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside world_size {world_size}")
-    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
-        raise DataError(f"epochs must be a positive integer or None (endless), got {epochs!r}")
-
-
 def _progress(items, desc: str, show: bool):
     from tqdm import tqdm
     return tqdm(items, desc=desc, unit="rec", disable=not show or len(items) < 1000)
@@ -278,7 +266,7 @@ class SFTBatches(_EpochIterator):
     def __init__(self, records, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *,
                  epochs: int | None = 1, overflow: str = "truncate", rank: int = 0, world_size: int = 1,
                  progress: bool = True):
-        _check_args(seq_len, batch_size, seed, rank, world_size, epochs)
+        check_args(seq_len, batch_size, seed, rank, world_size, epochs)
         self.seq_len, self.batch_size, self.seed, self.epochs = seq_len, batch_size, seed, epochs
         self.rank, self.world_size = rank, world_size
         render, fit = _Renderer(tokenizer), _Overflow(overflow, seq_len, "conversation")
@@ -345,7 +333,7 @@ class DPOBatches(_EpochIterator):
     def __init__(self, records, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *,
                  epochs: int | None = 1, overflow: str = "truncate", rank: int = 0, world_size: int = 1,
                  progress: bool = True):
-        _check_args(seq_len, batch_size, seed, rank, world_size, epochs)
+        check_args(seq_len, batch_size, seed, rank, world_size, epochs)
         self.seq_len, self.batch_size, self.seed, self.epochs = seq_len, batch_size, seed, epochs
         self.rank, self.world_size = rank, world_size
         render, fit = _Renderer(tokenizer), _Overflow(overflow, seq_len, "preference pair")

@@ -156,6 +156,20 @@ def _stages(stages, names, weights) -> list[dict]:
     return out
 
 
+def check_args(seq_len, batch_size, seed, rank, world_size, epochs=None, window=1):
+    """The batch iterators' shared argument checks, one DataError naming the argument."""
+    for what, v in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
+                    ("world_size", world_size)):
+        if not isinstance(v, int) or v < 1:
+            raise DataError(f"{what} must be a positive integer, got {v!r}")
+    if not (isinstance(seed, int) and seed >= 0):
+        raise DataError(f"seed must be an integer >= 0, got {seed!r}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise DataError(f"epochs must be a positive integer or None (endless), got {epochs!r}")
+
+
 class PackedBatches:
     """Pretraining batches {"input_ids", "labels", "doc_ids"}: LongTensor [batch_size, seq_len].
 
@@ -185,14 +199,7 @@ class PackedBatches:
                  window: int = 128, rank: int = 0, world_size: int = 1):
         self.names, self.datasets, weights = _sources(sources)
         self.stages = _stages(stages, self.names, weights)
-        for what, v in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
-                        ("world_size", world_size)):
-            if not isinstance(v, int) or v < 1:
-                raise DataError(f"{what} must be a positive integer, got {v!r}")
-        if not (isinstance(seed, int) and seed >= 0):
-            raise DataError(f"seed must be an integer >= 0, got {seed!r}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        check_args(seq_len, batch_size, seed, rank, world_size, window=window)
         self.seq_len, self.batch_size, self.seed, self.window = seq_len, batch_size, seed, window
         self.rank, self.world_size = rank, world_size
         self._perms: dict[int, tuple[int, np.ndarray]] = {}

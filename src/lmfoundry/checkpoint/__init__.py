@@ -96,9 +96,7 @@ def load_model(path: str | Path, dtype=None, device=None):
     for name, load in loaders.items():   # the embeddings come first and decide a dtype of None
         t = load()
         dtype = dtype or t.dtype
-        # copy: safetensors hands out views of the memory-mapped file, and a loaded model
-        # must not change when someone rewrites the checkpoint it came from
-        state[name] = t.to(device=device, dtype=dtype, copy=True)
+        state[name] = t.to(device=device, dtype=dtype)   # LazyTensors reads own their memory
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     model.source_dir, model.source_format = Path(path), fmt.name

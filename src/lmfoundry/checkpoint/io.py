@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
 
@@ -28,6 +27,9 @@ SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "generation_config.json")
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -89,6 +91,7 @@ def _read_header(file: Path) -> dict:
         end = max(end, stop)
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated: header promises {8 + n + end} bytes, file has {size}")
+    header["__data_start__"] = 8 + n
     return header
 
 
@@ -113,10 +116,12 @@ class LazyTensors:
                         "safetensors with a tool you trust)") if pickled else ""
                 raise CheckpointError(f"{self.dir}: no *.safetensors weights{hint}")
             weight_map = None
+        self._data_start: dict[Path, int] = {}
         self.file_of: dict[str, Path] = {}
         self.info: dict[str, dict] = {}
         for fname in files:
             header = _read_header(self.dir / fname)
+            self._data_start[self.dir / fname] = header.pop("__data_start__")
             for name, info in header.items():
                 if name != "__metadata__":
                     self.file_of[name], self.info[name] = self.dir / fname, info
@@ -125,7 +130,6 @@ class LazyTensors:
             if missing:
                 raise CheckpointError(f"{index}: tensor {missing[0]} is not in {weight_map[missing[0]]}"
                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name):
         return name in self.info
@@ -140,19 +144,27 @@ class LazyTensors:
         return math.prod(self.shape(name)) * _DTYPE_BYTES.get(self.info[name]["dtype"], 4)
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        """A tensor that owns its memory, read with plain file reads: a memory map would keep
+        every page read resident (and alias the file), which streaming tools cannot afford."""
+        file, info = self.file_of[name], self.info[name]
+        if info["dtype"] not in TORCH_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+        t = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
+        if t.numel():
+            with open(file, "rb") as f:
+                f.seek(self._data_start[file] + info["data_offsets"][0])
+                if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != t.numel() * t.element_size():
+                    raise CheckpointError(f"{file}: truncated while reading {name}")
+        return t
 
     @property
     def dtype(self) -> torch.dtype:
-        """The most common floating dtype on disk."""
+        """The most common dtype on disk."""
         counts: dict[str, int] = {}
         for info in self.info.values():
             counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
-        name = max(counts, key=counts.get)
-        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name, torch.float32)
+        return TORCH_DTYPES.get(max(counts, key=counts.get), torch.float32)
+
 
 
 def parse_size(size) -> int:

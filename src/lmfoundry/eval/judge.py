@@ -512,7 +512,8 @@ def summarize_logickor(rows: list[dict]) -> dict:
             "judged": sum(1 for r in rows for k in ("query_single", "query_multi") if k in r)}
 
 
-def _write_jsonl(path: Path, rows):
+def write_jsonl(path: Path, rows):
+    """Write rows as JSON lines through a temporary file, renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -546,15 +547,15 @@ def run_judge_benchmark(lm, questions_path, bench: str, judge: JudgeClient, out_
     t0 = time.time()
     calls0, hits0 = judge.calls, judge.cache_hits
     if fmt == "logickor":
-        _write_jsonl(out_dir / "generated" / model_id / f"{strategy}.jsonl",
+        write_jsonl(out_dir / "generated" / model_id / f"{strategy}.jsonl",
                      [{"id": q.id, "category": q.category, "questions": q.turns, "outputs": a,
                        "references": q.references or [None, None]} for q, a in zip(questions, answers)])
         rows = judge_logickor(judge, questions, answers, progress=progress)
-        _write_jsonl(out_dir / "evaluated" / model_id / f"{strategy}.jsonl", rows)
+        write_jsonl(out_dir / "evaluated" / model_id / f"{strategy}.jsonl", rows)
         summary = summarize_logickor(rows)
         summary["strategy"] = strategy
     else:
-        _write_jsonl(out_dir / "model_answer" / f"{model_id}.jsonl",
+        write_jsonl(out_dir / "model_answer" / f"{model_id}.jsonl",
                      [{"question_id": q.id, "answer_id": hashlib.sha256(f"{model_id}{q.id}".encode()).hexdigest()[:22],
                        "model_id": model_id, "choices": [{"index": 0, "turns": a}], "tstamp": time.time()}
                       for q, a in zip(questions, answers)])
@@ -562,7 +563,7 @@ def run_judge_benchmark(lm, questions_path, bench: str, judge: JudgeClient, out_
         refs = read_reference_answers(references_path) if references_path else {}
         recs = judge_mt_bench(judge, questions, answers, prompts, refs, korean=bench == "komt-bench",
                               model_id=model_id, progress=progress)
-        _write_jsonl(out_dir / "model_judgment" / f"{judge.model.replace('/', '_')}_single.jsonl", recs)
+        write_jsonl(out_dir / "model_judgment" / f"{judge.model.replace('/', '_')}_single.jsonl", recs)
         summary = summarize_mt_bench(recs)
         summary["judge_prompts"] = str(judge_prompts_path) if judge_prompts_path else "FastChat single-v1 (built in)"
     summary.update({"benchmark": bench, "model": model_id, "judge_model": judge.model, "judge_url": judge.url,

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import struct
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -293,7 +292,7 @@ def _resolve(spec: dict, levels: list, name: str, t: float, where: str) -> dict:
 
 
 class _Model:
-    """A checkpoint read with plain file reads (a memory map would keep every page read resident)."""
+    """One merge input: its config, format, HF names and tensors (read by LazyTensors)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -303,7 +302,6 @@ class _Model:
         for theirs, ours in weight_plan(self.cfg, self.fmt).items():
             for k, part in enumerate(ours):
                 self.parts[part], self.hf[part] = (theirs, k, [self.shapes[o][0] for o in ours]), theirs
-        self._starts: dict[Path, int] = {}
         self._vocab = None
 
     def __repr__(self):
@@ -311,18 +309,10 @@ class _Model:
 
     def read(self, name: str) -> torch.Tensor:
         theirs, k, sizes = self.parts[name]
-        file, info = self.lazy.file_of[theirs], self.lazy.info[theirs]
-        if info["dtype"] not in _ST:
-            raise CheckpointError(f"{file}: tensor {theirs} has dtype {info['dtype']}; merging needs floats")
-        if file not in self._starts:
-            with open(file, "rb") as f:
-                self._starts[file] = 8 + struct.unpack("<Q", f.read(8))[0]
-        t = torch.empty(info["shape"], dtype=_ST[info["dtype"]])
-        if t.numel():
-            with open(file, "rb") as f:
-                f.seek(self._starts[file] + info["data_offsets"][0])
-                if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != t.numel() * t.element_size():
-                    raise CheckpointError(f"{file}: truncated while reading {theirs}")
+        if self.lazy.info[theirs]["dtype"] not in _ST:
+            raise CheckpointError(f"{self.lazy.file_of[theirs]}: tensor {theirs} has dtype "
+                                  f"{self.lazy.info[theirs]['dtype']}; merging needs floats")
+        t = self.lazy.get(theirs)
         if len(sizes) > 1:
             t = t.split(sizes)[k].clone()
         if not _finite(t):

@@ -2,7 +2,7 @@
 
 A DUS is a renaming of layer indices: output layer j is a copy of source layer plan[j]. No model
 is built: the source's lazy tensors go straight into the sharded, atomic checkpoint writer, so
-peak memory is one output shard plus the few tensors in flight.
+peak memory is the few tensors in flight (the writer streams each shard's bytes behind its header).
 
     plan_layers(32, drop=8)                  [0..23] + [8..31]: SOLAR 10.7B's 48 layers
     upscale("mistral-7b", "solar", drop=8)   writes them as a checkpoint in the source's format
@@ -10,7 +10,6 @@ peak memory is one output shard plus the few tensors in flight.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +199,7 @@ class UpscaleResult:
                 ("skips", f"save {c.skip_save}, blend {c.skip_blend}" if c.has_skips else "none"),
                 ("tensors", f"{self.n_tensors} (canonical)"),
                 ("read / write", f"{_size(self.read_bytes)} / {_size(self.write_bytes)}"),
-                ("peak memory", f"about {_size(self.peak_bytes)} (one output shard + tensors in flight)")]
+                ("peak memory", f"about {_size(self.peak_bytes)} (tensors in flight)")]
         return "\n".join(f"{k:>14}  {v}" for k, v in rows)
 
 
@@ -247,14 +246,13 @@ def _counted(load, bar, out_bytes: int):
     return counted
 
 
-def _layer_loader(loaders, layer: Layer, suffix: str, repeated: bool):
+def _layer_loader(loaders, layer: Layer, suffix: str):
     parts = [loaders[f"layers.{i}.{suffix}"] for i in (layer.mean or (layer.src,))]
     if layer.identity and suffix in ZEROED:
         return lambda: torch.zeros_like(parts[0]())
     if layer.mean:
         return lambda: _mean(parts[0](), parts[1]())
-    # two reads of one tensor share the memory-mapped storage, which safetensors refuses to save
-    return (lambda: parts[0]().clone()) if repeated else parts[0]
+    return parts[0]
 
 
 def upscale(src, out, drop=None, layers=None, target_layers=None, seam="stack", seam_width=1, expand=None,
@@ -276,7 +274,8 @@ def upscale(src, out, drop=None, layers=None, target_layers=None, seam="stack", 
     seam_width = _int("seam_width", seam_width)
     if seam_width < 1 or seam_width != 1 and seam != "average":
         raise ConfigError(f"seam_width={seam_width}: must be at least 1, and applies to seam='average' only")
-    out_dtype, shard_limit = parse_dtype(dtype), parse_size(max_shard_size)
+    out_dtype = parse_dtype(dtype)
+    parse_size(max_shard_size)   # a bad size fails here, before anything is read
     if not dry_run:
         if out.resolve() == src.resolve():
             raise ConfigError(f"out {out}: is the source directory; write the upscaled model elsewhere")
@@ -307,9 +306,8 @@ def upscale(src, out, drop=None, layers=None, target_layers=None, seam="stack", 
 
     tensors = {n: f for n, f in loaders.items() if not n.startswith("layers.")}
     suffixes = [n.removeprefix("layers.0.") for n in loaders if n.startswith("layers.0.")]
-    copies = Counter(layer.src for layer in new_layers if not layer.mean)
     for j, layer in enumerate(new_layers):
-        tensors.update({f"layers.{j}.{s}": _layer_loader(loaders, layer, s, copies[layer.src] > 1) for s in suffixes})
+        tensors.update({f"layers.{j}.{s}": _layer_loader(loaders, layer, s) for s in suffixes})
 
     # Sizes from the config, without reading a tensor; reads count repeated and averaged layers.
     in_bytes = LazyTensors(src).dtype.itemsize
@@ -320,7 +318,7 @@ def upscale(src, out, drop=None, layers=None, target_layers=None, seam="stack", 
     largest = max(numel.values())
     in_flight = largest * (in_bytes + out_bytes + (in_bytes + 4 if seam == "average" else 0))
     result = UpscaleResult(src, out, fmt.name, cfg, new_cfg, new_layers, len(numel), reads, write_bytes,
-                           min(shard_limit, write_bytes) + in_flight)
+                           in_flight)
     if dry_run:
         return result
 

@@ -1,0 +1,1 @@
+"""lmfoundry quickstart: the SOLAR recipe end to end on embedded defaults (see pipeline.py)."""

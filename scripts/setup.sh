@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with lmfoundry installed in editable mode. Idempotent: a second run only
-# checks. `--test` adds the test extras (pytest, transformers as the parity reference).
+# checks. `--test` adds the test extras (pytest, transformers as the parity reference);
+# `--plots` adds matplotlib (the quickstart's report plots).
 # Torch: if the environment has none, install it explicitly first so the project's own
 # range (torch>=2.4) never drags in an unintended build. LMFOUNDRY_TORCH overrides the
 # spec (default torch==2.13.0: on this project's machines a CPU wheel that lies on disk;
@@ -9,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test,serve]"
+[ "${1:-}" = "--plots" ] && extras="[plots]"
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

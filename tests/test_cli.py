@@ -15,13 +15,6 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_quickstart_builds_loads_and_generates(tmp_path, capsys):
-    code, out, err = run(capsys, "quickstart", "--out", tmp_path)
-    assert code == 0, err
-    assert "KV-cache greedy decoding vs full forward: identical" in out
-    assert (tmp_path / "tiny" / "config.json").exists() and (tmp_path / "tiny" / "tokenizer.json").exists()
-
-
 def test_generate_streams_the_continuation(demo_dir, capsys):
     code, out, err = run(capsys, "generate", demo_dir, "Tom has 3 apples", "--max-new-tokens", 8)
     assert code == 0, err

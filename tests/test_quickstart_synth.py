@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from lmfoundry.quickstart.synth import Sizes, build, josa
+from lmfoundry.quickstart.synth import DOC_KINDS, Sizes, build, josa
 
 SMALL = Sizes(pretrain_docs=600, continue_docs=300, heldout_docs=80, lang_docs=40, sft_general=300, sft_math=300,
               sft_heldout=60, dpo_pairs=200, dpo_heldout=50, math_test=60, mc_test=80)
@@ -272,7 +272,8 @@ def test_documents_format_and_language_mix(data):
     assert all(HANGUL.search(d) for d in documents(out / "lang_ko.txt"))
     kinds = Counter("problem" if d.startswith(("Problem: ", "문제: ")) else
                     "arithmetic" if EQUATION.search(d) or "더하기" in d or " plus " in d else "other" for d in docs)
-    assert 0.06 < kinds["problem"] / len(docs) < 0.2 and 0.08 < kinds["arithmetic"] / len(docs) < 0.25
+    assert abs(kinds["problem"] / len(docs) - DOC_KINDS["problems"][1]) < 0.07
+    assert abs(kinds["arithmetic"] / len(docs) - DOC_KINDS["arithmetic"][1]) < 0.08
 
 
 def test_chat_records_shape(data):

@@ -150,32 +150,8 @@ def cmd_presets(args):
 
 
 def cmd_quickstart(args):
-    """Until the full recipe lands: build a tiny model with a trained tokenizer, save it as a
-    Hugging Face directory, load it back, check KV-cache decoding against a full forward, and
-    generate. The weights are random, so the text is noise; the pipeline is real."""
-    import torch
-
-    from .checkpoint import load_model
-    from .demo import make_demo_checkpoint
-    from .generate import generate
-    from .tokenizer import load_tokenizer
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    path = make_demo_checkpoint(out / "tiny", preset=args.preset, overwrite=True)
-    model, tok = load_model(path), load_tokenizer(path)
-    print(f"[1/3] wrote {path}: {model.config.num_params():,}-parameter {model.source_format} model, "
-          f"{tok.vocab_size}-token byte-level BPE, chat template ({time.perf_counter() - t0:.1f}s)")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "How many apples does Tom have?"}],
-                                     add_generation_prompt=True, tokenize=True)
-    (c,) = generate(model, [prompt], max_new_tokens=24, temperature=0.0, stop_ids=())
-    with torch.inference_mode():
-        full = model(torch.tensor([prompt + c.tokens]))[0, len(prompt) - 1:-1].argmax(-1).tolist()
-    status = "identical" if full == c.tokens else "DIFFERENT"
-    print(f"[2/3] KV-cache greedy decoding vs full forward: {status} over {len(c.tokens)} tokens")
-    print(f"[3/3] chat generation (random weights, so noise): {tok.decode(c.tokens)!r}")
-    print(f"done in {time.perf_counter() - t0:.1f}s. Try: lmfoundry chat {path}")
-    if full != c.tokens:
-        raise LMFoundryError("KV-cache decoding disagreed with the full forward")
+    from .quickstart.pipeline import run
+    run(args.out, fast=args.fast, force=args.force, seed=args.seed, threads=args.threads)
 
 
 def cmd_upscale(args):
@@ -523,9 +499,13 @@ def build_parser():
 
     sub.add_parser("presets", help="list model presets and their parameter counts").set_defaults(fn=cmd_presets)
 
-    q = sub.add_parser("quickstart", help="the main job on embedded defaults")
-    q.add_argument("--out", default="runs/quickstart")
-    q.add_argument("--preset", default="tiny")
+    q = sub.add_parser("quickstart", help="the SOLAR recipe end to end on generated data, with a report "
+                       "(the main job; a rerun resumes where it stopped)")
+    q.add_argument("--out", default="runs/quickstart", help="output directory (report.md, final/, models/, data/)")
+    q.add_argument("--fast", action="store_true", help="a ~1-minute smoke run: smaller model, data and budgets")
+    q.add_argument("--force", action="store_true", help="delete --out and start over")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.set_defaults(fn=cmd_quickstart)
     return p
 

@@ -1,7 +1,7 @@
 """A complete tiny checkpoint made from nothing: a preset model with random weights plus a
 byte-level BPE tokenizer trained on a few embedded English and Korean sentences, and a
-ChatML chat template. It is what `lmfoundry quickstart` shows until the full recipe lands,
-and what tests use wherever they need a real checkpoint directory with a real tokenizer.
+ChatML chat template: what tests use wherever they need a real checkpoint directory with a
+real tokenizer in a fraction of a second.
 """
 from __future__ import annotations
 

@@ -553,8 +553,8 @@ def parallel_doc(rng, lang, avoid) -> str:
     return "\n".join(_until(rng.randint(30, 90), chunk))
 
 
-DOC_KINDS = {"story": (story_doc, 0.45), "facts": (fact_doc, 0.20), "arithmetic": (arithmetic_doc, 0.15),
-             "problems": (problem_doc, 0.12), "parallel": (parallel_doc, 0.08)}
+DOC_KINDS = {"story": (story_doc, 0.10), "facts": (fact_doc, 0.35), "arithmetic": (arithmetic_doc, 0.20),
+             "problems": (problem_doc, 0.27), "parallel": (parallel_doc, 0.08)}
 EN_SHARE = 0.55     # of the monolingual documents
 
 

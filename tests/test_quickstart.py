@@ -158,3 +158,12 @@ def test_out_that_is_a_file_is_one_clear_error(tmp_path, capsys):
     assert main(["quickstart", "--fast", "--out", str(f)]) == 1
     assert "not a directory" in capsys.readouterr().err
     assert f.read_text() == "x"
+
+
+def test_force_refuses_to_delete_the_current_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "keep.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(["quickstart", "--fast", "--force", "--out", str(tmp_path)]) == 1
+    assert "--force would delete" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -59,7 +59,7 @@ class Plan:
     sft_steps: int
     dpo_steps: int
     lr_base: float = 6e-3            # tiny models want large learning rates and many small steps
-    lr_continue: float = 3e-3
+    lr_continue: float = 1.5e-3      # re-warming to a high peak costs a loss bump in both arms
     lr_sft: float = 1e-3
     lr_dpo: float = 1e-4
     dpo_beta: float = 0.1
@@ -85,8 +85,8 @@ class Plan:
 
 PLANS = {
     "default": Plan("default", synth.Sizes(), vocab_size=2048, dim=128, n_layers=8, drop=2, n_heads=4, n_kv_heads=2,
-                    ffn_dim=352, seq_len=256, batch_size=4, base_steps=850, continue_steps=340, sft_steps=150,
-                    dpo_steps=45),
+                    ffn_dim=352, seq_len=256, batch_size=4, base_steps=750, continue_steps=300, sft_steps=130,
+                    dpo_steps=40, max_gen_toks=48),
     "fast": Plan("fast", synth.Sizes(pretrain_docs=2500, continue_docs=1200, heldout_docs=100, lang_docs=80,
                                      sft_general=400, sft_math=400, sft_heldout=40, dpo_pairs=200, dpo_heldout=40,
                                      math_test=30, mc_test=40),
@@ -150,6 +150,10 @@ class Quickstart:
         if self.out.exists() and not self.out.is_dir():
             raise QuickstartError(f"{self.out}: not a directory; choose another --out")
         if force and self.out.exists():
+            where = self.out.resolve()
+            if where in (Path.home().resolve(), Path(where.anchor)) or Path.cwd().resolve().is_relative_to(where):
+                raise QuickstartError(f"--force would delete {where}, which holds the current directory or is home "
+                                      "or the root; choose a dedicated --out")
             shutil.rmtree(self.out)
         if state_path.is_file():
             try:
@@ -228,10 +232,15 @@ class Quickstart:
             print(f"\n[{k:>2}/{len(STAGES)}] {name}: {title}  (elapsed {fmt_seconds(elapsed)}, "
                   f"about {fmt_seconds(left)} left)", flush=True)
             t0 = time.perf_counter()
-            if name.startswith("eval:"):
-                result = self.evaluate(name.split(":", 1)[1])
-            else:
-                result = getattr(self, "stage_" + name.replace("-", "_"))()
+            try:
+                if name.startswith("eval:"):
+                    result = self.evaluate(name.split(":", 1)[1])
+                else:
+                    result = getattr(self, "stage_" + name.replace("-", "_"))()
+            except KeyboardInterrupt:
+                print(f"\nquickstart interrupted in stage {name}; run the same command again to continue from there",
+                      file=sys.stderr, flush=True)
+                raise
             result["seconds"] = round(time.perf_counter() - t0, 2)
             result["peak_rss_mib"] = round(peak_rss_mib(), 1)
             self.state["stages"][name] = result

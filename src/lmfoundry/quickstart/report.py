@@ -43,12 +43,17 @@ def claims(stages: dict, plan) -> list[dict]:
     base, up = ev["base"]["heldout_loss"], ev["upscaled"]["heldout_loss"]
     curve = [(r["step"], r["eval_loss"]) for r in stages["continue"]["metrics"] if "eval_loss" in r]
     recovered = next((s for s, loss in curve if loss <= base), None)
+    control = [(r["step"], r["eval_loss"]) for r in stages["control"]["metrics"] if "eval_loss" in r]
+    control_back = next((s for s, loss in control if loss <= base), None)
     steps = stages["continue"]["steps"]
     worse = up > base
     quick = recovered is not None and recovered <= steps / 2
     measured = (f"held-out loss {base:.3f} (base) → {up:.3f} right after up-scaling ({up - base:+.3f}); "
                 + (f"back at or below the base's loss by step {recovered} of {steps} of continued pretraining"
-                   if recovered is not None else f"still above the base's loss after {steps} steps"))
+                   if recovered is not None else f"still above the base's loss after {steps} steps")
+                + (f" (the control, which only restarts the learning-rate schedule, is back below it by step "
+                   f"{control_back} of {stages['control']['steps']}: part of any bump is the re-warmed learning rate, "
+                   "not the up-scaling)" if control_back and control_back > control[0][0] else ""))
     out.append({"claim": "The up-scaled model starts worse than the base and recovers quickly in continued pretraining",
                 "measured": measured,
                 "verdict": "reproduced" if worse and quick else
@@ -204,7 +209,10 @@ def write_plots(out: Path, stages: dict) -> list[str]:
                                               ("mc_acc", "mc_n", "multiple choice accuracy"),
                                               ("pref_acc", "pref_n", "preference accuracy"))):
         vals = [ev[k][key] for k in keys]
-        err = [se(ev[k][key], ev[k][n_key]) for k in keys] if n_key else None
+        err = None
+        if n_key:                       # one standard error, not below zero
+            up = [se(ev[k][key], ev[k][n_key]) for k in keys]
+            err = [[min(e, v) for e, v in zip(up, vals)], up]
         ax.bar(range(len(keys)), vals, yerr=err, color="tab:gray", capsize=3)
         ax.set_xticks(range(len(keys)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)

@@ -252,9 +252,9 @@ def write_report(out, state: dict, plan) -> Path:
              f"{platform.machine()} with {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
              f"{time.strftime('%Y-%m-%d')}: **{_dur(total)}** wall time (stages below; the report itself is "
              f"not counted), peak memory **{rss:,.0f} MiB**. Every number here was measured in this run from data "
-             "the package generated itself; nothing is taken from the paper. It is a single seed at a scale "
-             "six orders of magnitude below SOLAR 10.7B, so read it as a working, inspectable miniature of the "
-             "recipe, not as evidence about large models.\n")
+             "the package generated itself; nothing is taken from the paper. It is a single seed with about four "
+             "orders of magnitude fewer parameters than SOLAR 10.7B and six fewer training tokens, so read it as a "
+             "working, inspectable miniature of the recipe, not as evidence about large models.\n")
     if plan.name == "fast":
         L.append("> This is the `--fast` plan: a smoke test of the pipeline with too little training for the "
                  "claims below to be meaningful. Run `lmfoundry quickstart` without `--fast` for the real thing.\n")

@@ -139,3 +139,27 @@ def test_loaded_model_does_not_alias_the_checkpoint_files(ckpt):
     (ckpt / "model.safetensors").write_bytes(bytes(data))
     assert all(torch.equal(a, b) for a, b in [(model.embed.weight, before)])
     assert torch.isfinite(model.lm_head.weight).all()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "file not found"),
+    ("models: [a, b\n", "malformed YAML"),
+    ("- just\n- a list\n", "expected"),
+    (b"\xff\xfe not utf-8", "malformed YAML"),
+])
+@pytest.mark.parametrize("verb", ["merge", "sft"])
+def test_yaml_files_bad_input_is_one_clear_error(tmp_path, capsys, verb, content, message):
+    """merge recipes and --config files share one YAML reader: each failure is one line naming
+    the file, and nothing is written."""
+    from lmfoundry.cli import main
+    path = tmp_path / "in.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    argv = ["merge", str(path), str(tmp_path / "out")] if verb == "merge" else \
+        ["sft", "--config", str(path), "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lmfoundry: error:") and err.count("\n") == 1 and str(path) in err and message in err
+    assert not (tmp_path / "out").exists()

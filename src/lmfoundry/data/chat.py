@@ -218,6 +218,17 @@ def _progress(items, desc: str, show: bool):
 class _EpochIterator:
     """Batches numbered within epochs; state is (epoch, batch) and the plan is recomputed from it."""
 
+    def _setup(self, records, tokenizer, seq_len, batch_size, seed, epochs, overflow, rank, world_size, progress,
+               kind: str):
+        """Check and keep the common arguments; returns (renderer, overflow policy, records to
+        render with a progress bar)."""
+        check_args(seq_len, batch_size, seed, rank, world_size, epochs)
+        self.seq_len, self.batch_size, self.seed, self.epochs = seq_len, batch_size, seed, epochs
+        self.rank, self.world_size = rank, world_size
+        loaded = load_records(records)
+        return (_Renderer(tokenizer), _Overflow(overflow, seq_len, kind), loaded,
+                _progress(loaded, f"rendering {kind}s", progress))
+
     def __iter__(self):
         return self
 
@@ -266,13 +277,10 @@ class SFTBatches(_EpochIterator):
     def __init__(self, records, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *,
                  epochs: int | None = 1, overflow: str = "truncate", rank: int = 0, world_size: int = 1,
                  progress: bool = True):
-        check_args(seq_len, batch_size, seed, rank, world_size, epochs)
-        self.seq_len, self.batch_size, self.seed, self.epochs = seq_len, batch_size, seed, epochs
-        self.rank, self.world_size = rank, world_size
-        render, fit = _Renderer(tokenizer), _Overflow(overflow, seq_len, "conversation")
+        render, fit, loaded, shown = self._setup(records, tokenizer, seq_len, batch_size, seed, epochs, overflow,
+                                                 rank, world_size, progress, "conversation")
         self.examples: list[tuple[np.ndarray, np.ndarray]] = []
-        loaded = load_records(records)
-        for where, record in _progress(loaded, "rendering conversations", progress):
+        for where, record in shown:
             if not isinstance(record, dict) or "messages" not in record:
                 raise DataError(f"{where}: record has no 'messages' field")
             ids, target = render(check_messages(record["messages"], where), where)
@@ -333,13 +341,10 @@ class DPOBatches(_EpochIterator):
     def __init__(self, records, tokenizer, seq_len: int, batch_size: int, seed: int = 0, *,
                  epochs: int | None = 1, overflow: str = "truncate", rank: int = 0, world_size: int = 1,
                  progress: bool = True):
-        check_args(seq_len, batch_size, seed, rank, world_size, epochs)
-        self.seq_len, self.batch_size, self.seed, self.epochs = seq_len, batch_size, seed, epochs
-        self.rank, self.world_size = rank, world_size
-        render, fit = _Renderer(tokenizer), _Overflow(overflow, seq_len, "preference pair")
+        render, fit, loaded, shown = self._setup(records, tokenizer, seq_len, batch_size, seed, epochs, overflow,
+                                                 rank, world_size, progress, "preference pair")
         self.pairs: list[tuple] = []
-        loaded = load_records(records)
-        for where, record in _progress(loaded, "rendering preference pairs", progress):
+        for where, record in shown:
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
             missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]

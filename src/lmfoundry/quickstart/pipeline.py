@@ -262,6 +262,7 @@ class Quickstart:
         return {"files": manifest["files"]}
 
     def stage_tokenizer(self) -> dict:
+        from ..data import read_documents
         from ..tokenizer_train import compression_report, train_tokenizer
         corpus = [self.data / "pretrain.txt"]
         train_tokenizer(corpus, self.tok_dir, self.plan.vocab_size, model_max_length=self.plan.seq_len,
@@ -270,7 +271,7 @@ class Quickstart:
         en_only = self.work / "tokenizer-en"
         en_docs = self.work / "pretrain-en.txt"
         en_docs.parent.mkdir(parents=True, exist_ok=True)
-        docs = (self.data / "pretrain.txt").read_text(encoding="utf-8").split("\n\n")
+        docs = [text for _, text in read_documents(self.data / "pretrain.txt")]
         en_docs.write_text("\n\n".join(d for d in docs if not _has_hangul(d)), encoding="utf-8")
         train_tokenizer([en_docs], en_only, self.plan.vocab_size, overwrite=True)
         langs = [self.data / "lang_en.txt", self.data / "lang_ko.txt"]
@@ -281,7 +282,7 @@ class Quickstart:
                              **{k: r[k] for k in ("documents", "words", "chars", "tokens", "tokens_per_word",
                                                   "chars_per_token")}})
         for p in langs:          # UTF-8 bytes: what a tokenizer without merges would produce
-            text = [d for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+            text = [d for _, d in read_documents(p)]
             words, chars = sum(len(d.split()) for d in text), sum(len(d) for d in text)
             nbytes = sum(len(d.encode("utf-8")) for d in text)
             rows.append({"tokenizer": "UTF-8 bytes", "language": "English" if p.name.endswith("en.txt") else "Korean",

@@ -12,6 +12,8 @@ import platform
 import time
 from pathlib import Path
 
+from .pipeline import STAGES, fmt_seconds
+
 EVALS = [("base", "base", "pretrained base"), ("upscaled", "upscaled", "up-scaled, before training"),
          ("continued", "continued", "up-scaled + continued"), ("control", "control", "base continued (control)"),
          ("sft-a", "SFT A", "SFT variant A"), ("sft-b", "SFT B", "SFT variant B"),
@@ -250,7 +252,7 @@ def write_report(out, state: dict, plan) -> Path:
     L.append("# lmfoundry quickstart: the SOLAR recipe at toy scale\n")
     L.append(f"One run of `{cmd}` (plan `{plan.name}`, seed {state['settings']['seed']}) on "
              f"{platform.machine()} with {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d')}: **{_dur(total)}** wall time (stages below; the report itself is "
+             f"{time.strftime('%Y-%m-%d')}: **{fmt_seconds(total)}** wall time (stages below; the report itself is "
              f"not counted), peak memory **{rss:,.0f} MiB**. Every number here was measured in this run from data "
              "the package generated itself; nothing is taken from the paper. It is a single seed with about four "
              "orders of magnitude fewer parameters than SOLAR 10.7B and six fewer training tokens, so read it as a "
@@ -261,14 +263,14 @@ def write_report(out, state: dict, plan) -> Path:
 
     L.append("## The recipe\n")
     rows = []
-    for name, title in _stage_titles():
+    for name, title in STAGES:
         s = stages.get(name)
         if s is None or name.startswith("eval:") or name in ("report",):
             continue
         extra = ""
         if "steps" in s:
             extra = f"{s['steps']} steps, {s['tokens']:,} tokens, {s['flops']:.2e} FLOPs"
-        rows.append([f"`{name}`", title, extra, _dur(s["seconds"])])
+        rows.append([f"`{name}`", title, extra, fmt_seconds(s["seconds"])])
     L.append(_table(["stage", "what", "training", "time"], rows) + "\n")
     L.append(f"Model: Llama architecture (RMSNorm, RoPE, SwiGLU, GQA {plan.n_heads}/{plan.n_kv_heads} heads), "
              f"dim {plan.dim}, FFN {plan.ffn_dim}, vocabulary {plan.vocab_size}, context {plan.seq_len}. "
@@ -374,13 +376,3 @@ def write_report(out, state: dict, plan) -> Path:
     tmp.write_text("\n".join(L), encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def _stage_titles():
-    from .pipeline import STAGES
-    return STAGES
-
-
-def _dur(s: float) -> str:
-    from .pipeline import fmt_seconds
-    return fmt_seconds(s)

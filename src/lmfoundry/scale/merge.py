@@ -75,7 +75,7 @@ import yaml
 from ..checkpoint import read_checkpoint
 from ..checkpoint.formats import Format, config_to_hf, weight_plan
 from ..checkpoint.io import (LazyTensors, atomic_dir, copy_tokenizer_files, dtype_name, parse_dtype,
-                             write_json, write_safetensors)
+                             read_yaml_mapping, write_json, write_safetensors)
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 
@@ -395,15 +395,8 @@ def _load_recipe(recipe) -> tuple[dict, str, Path | None]:
     if isinstance(recipe, dict):
         return recipe, yaml.safe_dump(recipe, sort_keys=False), None
     path = Path(recipe)
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a YAML mapping with merge_method and models or slices")
+    data, text = read_yaml_mapping(path, ConfigError, "a recipe (a YAML mapping with merge_method and models or "
+                                                      "slices)")
     return data, text, path
 
 

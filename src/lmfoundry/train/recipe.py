@@ -13,8 +13,8 @@ import math
 import os
 from pathlib import Path
 
-import yaml
 
+from ..checkpoint.io import read_yaml_mapping
 from .loop import TrainConfig, TrainError, prepare_out_dir, train
 
 VERBS = ("pretrain", "sft", "dpo")
@@ -85,14 +85,7 @@ def resolve(verb: str, flags: dict, config_file: str | None = None) -> dict:
     known = settings_for(verb)
     from_file = {}
     if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise TrainError(f"{config_file}: file not found") from None
-        except yaml.YAMLError as e:
-            raise TrainError(f"{config_file}: malformed YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise TrainError(f"{config_file}: expected a mapping of settings, got {type(loaded).__name__}")
+        loaded, _ = read_yaml_mapping(config_file, TrainError, "a mapping of settings")
         from_file = {str(k).replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(from_file) - set(known))
         if unknown:

@@ -15,8 +15,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .data import DataError
-from .data.corpus import expand_files, read_documents
+from .errors import DataError
+from .records import expand_files, read_texts
 
 DEFAULT_SPECIAL_TOKENS = ("<|pad|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CHATML = ("{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -66,7 +66,7 @@ def train_tokenizer(files, out_dir, vocab_size: int, special_tokens=DEFAULT_SPEC
     def documents():
         for p in paths:
             counts[p] = 0
-            for _, text in read_documents(p, text_field, txt_mode):
+            for _, text in read_texts(p, text_field, txt_mode):
                 counts[p] += 1
                 yield text
             if counts[p] == 0:
@@ -118,7 +118,7 @@ def compression_report(tokenizer_dir, files, text_field: str = "text", txt_mode:
             tokens += sum(len(x) for x in tok.encode_batch(batch, add_special_tokens=False))
             batch.clear()
 
-        for _, text in read_documents(p, text_field, txt_mode):
+        for _, text in read_texts(p, text_field, txt_mode):
             docs += 1
             words += len(text.split())
             chars += len(text)

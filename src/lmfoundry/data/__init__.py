@@ -10,16 +10,10 @@ Every batch iterator here yields dicts of LongTensors with the same conventions:
   positions inside each document;
 - each iterator has `state_dict()` / `load_state_dict()` (JSON-serializable) for exact resume.
 """
-from ..errors import LMFoundryError
+from ..errors import DataError
+from .chat import DPOBatches, SFTBatches
+from .corpus import TokenDataset, tokenize_corpus
+from .packing import PackedBatches
 
-
-class DataError(LMFoundryError):
-    """A data file or record is missing, empty or malformed (the message names the file and line)."""
-
-
-from .chat import DPOBatches, SFTBatches  # noqa: E402  (the modules import DataError from here)
-from .corpus import TokenDataset, read_documents, tokenize_corpus  # noqa: E402
-from .packing import PackedBatches  # noqa: E402
-
-__all__ = ["DataError", "TokenDataset", "tokenize_corpus", "read_documents", "PackedBatches", "SFTBatches",
+__all__ = ["DataError", "TokenDataset", "tokenize_corpus", "PackedBatches", "SFTBatches",
            "DPOBatches"]

@@ -22,15 +22,13 @@ record; "error" raises a DataError naming it.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import TokenizerError
-from . import DataError
+from ..errors import DataError, TokenizerError
+from ..records import load_records
 from .packing import IGNORE, _Pool, assemble, check_args, fill_row
 
 log = logging.getLogger("lmfoundry.data")
@@ -40,57 +38,6 @@ OVERFLOW = ("truncate", "drop", "error")
 
 
 # ---------------------------------------------------------------- records
-
-def load_records(source) -> list[tuple[str, object]]:
-    """[(location, record)] from a file, a list of files, or a list of records."""
-    if isinstance(source, (str, Path)):
-        return _records_from_file(Path(source))
-    if not isinstance(source, (list, tuple)):
-        raise DataError(f"expected a records file or a list of records, got {type(source).__name__}")
-    if source and all(isinstance(s, (str, Path)) for s in source):
-        return [r for f in source for r in _records_from_file(Path(f))]
-    if not source:
-        raise DataError("no records given (empty list)")
-    return [(f"records[{i}]", r) for i, r in enumerate(source)]
-
-
-def _records_from_file(path: Path) -> list[tuple[str, object]]:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    out = []
-    if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if raw.strip():
-                    out.append((f"{path}:{lineno}", _json(raw, f"{path}:{lineno}")))
-    elif path.suffix == ".json":
-        data = _json(path.read_bytes(), str(path))
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        out = [(f"{path}: record {i}", r) for i, r in enumerate(data)]
-    elif path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({str(e).strip().splitlines()[0]})") from None
-        out = [(f"{path}: row {i + 1}", r) for i, r in enumerate(rows)]
-    else:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}' (expected .jsonl, .json or .parquet)")
-    if not out:
-        raise DataError(f"{path}: no records (the file is empty)")
-    return out
-
-
-def _json(raw: bytes, where: str):
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-
 
 def check_messages(messages, where: str, what: str = "messages") -> list[dict]:
     if isinstance(messages, dict):

@@ -1,4 +1,4 @@
-"""Corpora in (.txt, .jsonl, .parquet), tokenized once into memory-mapped token shards out.
+"""Corpora in (.txt, .jsonl, .parquet, read by lmfoundry.records), tokenized once into memory-mapped token shards out.
 
 A tokenized corpus is a directory:
     index.json           what was tokenized (file fingerprints: path, size, mtime; tokenizer hash),
@@ -28,153 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DataError
+from ..errors import DataError
+from ..records import TXT_MODES, expand_files, read_texts
 
 FORMAT_VERSION = 1
-SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_MODES = ("paragraph", "line", "file")
 TASK_CHARS = 1 << 20          # about 1 MB of text per tokenization task
 SHARD_TOKENS = 1 << 28        # a new shard starts after this many tokens (at a document boundary)
-
-
-# ---------------------------------------------------------------- reading documents
-
-def expand_files(files) -> list[Path]:
-    """A path, or a list of paths; directories expand to the supported files under them (sorted)."""
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    out: list[Path] = []
-    for f in files:
-        p = Path(f)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in SUFFIXES)
-            if not found:
-                raise DataError(f"{p}: directory has no {', '.join(SUFFIXES)} files")
-            out.extend(found)
-        elif not p.is_file():
-            raise DataError(f"{p}: file not found")
-        elif p.suffix not in SUFFIXES:
-            raise DataError(f"{p}: unsupported file type '{p.suffix}' (expected {', '.join(SUFFIXES)})")
-        else:
-            out.append(p)
-    if not out:
-        raise DataError("no data files given")
-    return out
-
-
-def read_documents(path, text_field: str = "text", txt_mode: str = "paragraph"):
-    """Yield (location, text) for every non-empty document in one file.
-
-    .txt: `txt_mode` "paragraph" (documents separated by blank lines), "line" (one per line) or
-    "file" (the whole file). .jsonl: one JSON object per line, the document in `text_field`.
-    .parquet: the string column `text_field`. Locations read "FILE:LINE" or "FILE: row N".
-    """
-    for where, text, _ in _read(Path(path), text_field, txt_mode):
-        yield where, text
-
-
-def _read(path: Path, text_field: str, txt_mode: str):
-    """Yield (location, text, bytes read since the previous yield); raise DataError on bad input."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if path.suffix == ".parquet":
-        yield from _read_parquet(path, text_field)
-    elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path, text_field)
-    elif path.suffix == ".txt":
-        if txt_mode not in TXT_MODES:
-            raise DataError(f"txt_mode must be one of {TXT_MODES}, got {txt_mode!r}")
-        yield from _read_txt(path, txt_mode)
-    else:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}' (expected {', '.join(SUFFIXES)})")
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _read_txt(path: Path, mode: str):
-    if mode == "file":
-        raw = path.read_bytes()
-        text = _decode(raw, str(path))
-        if text.strip():
-            yield f"{path}:1", text, len(raw)
-        return
-    lines, first, pending = [], 0, 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            pending += len(raw)
-            line = _decode(raw, f"{path}:{lineno}")
-            if mode == "line":
-                if line.strip():
-                    yield f"{path}:{lineno}", line.rstrip("\r\n"), pending
-                    pending = 0
-            elif line.strip():
-                if not lines:
-                    first = lineno
-                lines.append(line)
-            elif lines:
-                yield f"{path}:{first}", "".join(lines).rstrip("\r\n"), pending
-                lines, pending = [], 0
-    if lines:
-        yield f"{path}:{first}", "".join(lines).rstrip("\r\n"), pending
-
-
-def _read_jsonl(path: Path, field: str):
-    pending = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            pending += len(raw)
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(_decode(raw, where))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if field not in record:
-                raise DataError(f"{where}: record has no '{field}' field (has {sorted(record)[:8]})")
-            text = record[field]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: '{field}' must be a string, got {type(text).__name__}")
-            if text.strip():
-                yield where, text, pending
-                pending = 0
-
-
-def _read_parquet(path: Path, field: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise DataError(f"{path}: no column '{field}' (columns: {names[:12]})")
-    kind = pf.schema_arrow.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"{path}: column '{field}' must hold strings, it holds {kind}")
-    rows, size, row = max(pf.metadata.num_rows, 1), path.stat().st_size, 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[field]):
-        values = batch.column(0).to_pylist()
-        step = size * len(values) // rows
-        for text in values:
-            row += 1
-            if text is None:
-                raise DataError(f"{path}: row {row}: '{field}' is null")
-            if text.strip():
-                yield f"{path}: row {row}", text, step
-                step = 0
-
-
-def _first_line(e) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 # ---------------------------------------------------------------- the tokenized dataset
@@ -339,7 +198,7 @@ def _tasks(paths, text_field, txt_mode, counts, bar):
     """(file index, [texts]) groups of about TASK_CHARS characters; never spans two files."""
     for i, p in enumerate(paths):
         texts, chars = [], 0
-        for _where, text, nbytes in _read(p, text_field, txt_mode):
+        for _where, text, nbytes in read_texts(p, text_field, txt_mode, sizes=True):
             bar.update(nbytes)
             texts.append(text)
             chars += len(text)

@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from . import DataError
+from ..errors import DataError
 from .corpus import TokenDataset
 
 IGNORE = -100

@@ -10,7 +10,8 @@ runner (few-shot, aggregation, tables), judge (MT-Bench / KoMT-Bench / LogicKor 
 OpenAI-compatible judge), redteam (pass / fail / skipped by category), harness (the
 lm-evaluation-harness model adapter; optional).
 """
-from .data import EvalDataError, read_records
+from ..errors import EvalDataError
+from .data import read_records
 from .lm import LM
 from .runner import evaluate, format_table, h6_table, perplexity, render_requests
 from .tasks import TASKS, Doc, Task, get_task

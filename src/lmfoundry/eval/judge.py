@@ -37,12 +37,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LMFoundryError
+from ..errors import JudgeError
 from .data import read_records
-
-
-class JudgeError(LMFoundryError):
-    """The judge endpoint failed, or a benchmark file is malformed."""
 
 
 # ---------------------------------------------------------------- judge prompts (data)

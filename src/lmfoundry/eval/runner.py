@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 from . import metrics as M
-from .data import EvalDataError, find_file, read_records
+from ..errors import EvalDataError
+from ..records import read_texts
+from .data import find_file, read_records
 from .tasks import GSM8K_UNTIL_LEADERBOARD, LEADERBOARD, Doc, Task, contexts_for, get_task, requests_for
 
 HARNESS_SEED = 1234
@@ -366,30 +368,25 @@ def format_table(res: dict) -> str:
 
 
 # ---- perplexity ----
-def read_documents(path) -> list[str]:
+def perplexity_documents(path) -> list[str]:
     """A .txt file is one document; .jsonl/.json/.parquet give one per record ("text", "page" or "content")."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: file not found")
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        docs = []
-        for i, r in enumerate(read_records(path)):
-            key = next((k for k in ("text", "page", "content") if isinstance(r.get(k), str)), None)
-            if key is None:
-                raise EvalDataError(f"{path}: record {i} has no 'text' (or 'page' / 'content') string")
-            docs.append(r[key])
-        return docs
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError as e:
-        raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
+    if path.suffix == ".txt":
+        return [text for _, text in read_texts(path, txt_mode="file", error=EvalDataError)]
+    docs = []
+    for i, r in enumerate(read_records(path)):
+        key = next((k for k in ("text", "page", "content") if isinstance(r.get(k), str)), None)
+        if key is None:
+            raise EvalDataError(f"{path}: record {i} has no 'text' (or 'page' / 'content') string")
+        docs.append(r[key])
+    return docs
 
 
 def perplexity(lm, path) -> dict:
     """Token, word and byte perplexity of a file (lm-eval's loglikelihood_rolling metrics)."""
     import re
     t0 = time.time()
-    docs = [d for d in read_documents(path) if d]
+    docs = [d for d in perplexity_documents(path) if d]
     if not docs:
         raise EvalDataError(f"{path}: no text to score")
     scored = lm.loglikelihood_rolling(docs)

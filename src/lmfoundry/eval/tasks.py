@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .data import EvalDataError
+from ..errors import EvalDataError
 
 
 @dataclass

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LMFoundryError
+from ..errors import QuickstartError
 from . import synth
 
 STATE = "quickstart.json"
@@ -118,10 +118,6 @@ STAGES = [
     ("final", "write the final checkpoint"),
     ("report", "write report.md and plots"),
 ]
-
-
-class QuickstartError(LMFoundryError):
-    """The output directory holds something else, or a stage cannot run."""
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
@@ -262,7 +258,7 @@ class Quickstart:
         return {"files": manifest["files"]}
 
     def stage_tokenizer(self) -> dict:
-        from ..data import read_documents
+        from ..records import read_texts
         from ..tokenizer_train import compression_report, train_tokenizer
         corpus = [self.data / "pretrain.txt"]
         train_tokenizer(corpus, self.tok_dir, self.plan.vocab_size, model_max_length=self.plan.seq_len,
@@ -271,7 +267,7 @@ class Quickstart:
         en_only = self.work / "tokenizer-en"
         en_docs = self.work / "pretrain-en.txt"
         en_docs.parent.mkdir(parents=True, exist_ok=True)
-        docs = [text for _, text in read_documents(self.data / "pretrain.txt")]
+        docs = [text for _, text in read_texts(self.data / "pretrain.txt")]
         en_docs.write_text("\n\n".join(d for d in docs if not _has_hangul(d)), encoding="utf-8")
         train_tokenizer([en_docs], en_only, self.plan.vocab_size, overwrite=True)
         langs = [self.data / "lang_en.txt", self.data / "lang_ko.txt"]
@@ -282,7 +278,7 @@ class Quickstart:
                              **{k: r[k] for k in ("documents", "words", "chars", "tokens", "tokens_per_word",
                                                   "chars_per_token")}})
         for p in langs:          # UTF-8 bytes: what a tokenizer without merges would produce
-            text = [d for _, d in read_documents(p)]
+            text = [d for _, d in read_texts(p)]
             words, chars = sum(len(d.split()) for d in text), sum(len(d) for d in text)
             nbytes = sum(len(d.encode("utf-8")) for d in text)
             rows.append({"tokenizer": "UTF-8 bytes", "language": "English" if p.name.endswith("en.txt") else "Korean",

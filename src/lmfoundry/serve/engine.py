@@ -41,18 +41,10 @@ from typing import Callable, Sequence as Seq
 
 import torch
 
-from ..errors import GenerationError, LMFoundryError
+from ..errors import EngineStopped, GenerationError, QueueFull
 from ..generate import Completion, SamplingParams, _stop_id_tuple, process_logits
 
 log = logging.getLogger("lmfoundry.serve")
-
-
-class QueueFull(LMFoundryError):
-    """The engine holds max_batch running + max_queue waiting sequences already."""
-
-
-class EngineStopped(LMFoundryError):
-    """The engine is shutting down (or has stopped) and takes no new work."""
 
 
 @dataclass

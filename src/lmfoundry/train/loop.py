@@ -42,17 +42,13 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import FORMATS, read_checkpoint, refusal, write_checkpoint
 from ..checkpoint.io import parse_dtype
-from ..errors import LMFoundryError
+from ..errors import TrainError
 from . import distributed as D
 from .objectives import DPO
 from .schedule import SCHEDULES, lr_factor
 
 STATE_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class TrainError(LMFoundryError):
-    """Training cannot start or cannot go on (bad settings, an existing output, a NaN loss)."""
 
 
 @dataclass

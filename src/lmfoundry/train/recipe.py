@@ -142,7 +142,8 @@ def build_model(spec: str, tokenizer, seed: int):
 def _tokenized_dir(files, tokenizer_dir, text_field, given: str | None) -> Path:
     if given:
         return Path(given)
-    from ..data.corpus import expand_files, tokenizer_fingerprint
+    from ..data.corpus import tokenizer_fingerprint
+    from ..records import expand_files
     h = hashlib.sha256()
     for f in expand_files(files):
         h.update(str(Path(f).resolve()).encode() + b"\0")

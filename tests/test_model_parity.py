@@ -48,18 +48,23 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path, case):
     assert (torch.cat(parts, 1) - full).abs().max().item() <= TOL
 
 
-def test_left_padded_rows_match_unpadded(tmp_path):
+def test_right_padded_rows_of_different_lengths_match_unpadded(tmp_path):
+    """Ragged prompts prefilled together (right-padded, each row's length set to its own) and then
+    decoded one token per row give what each row gives alone (sliding window crossed)."""
     hf_llama(**CASES["mistral-window"]).save_pretrained(tmp_path)
     model = load_model(tmp_path)
     short, long = random_tokens(1, 20, seed=1), random_tokens(1, 30, seed=2)
-    batch = torch.cat([torch.cat([torch.zeros(1, 10, dtype=torch.long), short], 1), long])
+    batch = torch.cat([torch.cat([short, torch.zeros(1, 10, dtype=torch.long)], 1), long])
     with torch.no_grad():
-        cache = model.new_cache(2, 31, pad=torch.tensor([10, 0]))
+        cache = model.new_cache(2, 31)
         padded = model(batch, cache=cache)
+        cache.lengths[:] = torch.tensor([20, 30])
         step = model(torch.tensor([[5], [7]]), cache=cache)
         alone = model(torch.cat([short, torch.tensor([[5]])], 1))
-    assert (padded[0, 10:] - alone[0, :20]).abs().max() <= TOL
+        alone_long = model(torch.cat([long, torch.tensor([[7]])], 1))
+    assert (padded[0, :20] - alone[0, :20]).abs().max() <= TOL
     assert (step[0, 0] - alone[0, 20]).abs().max() <= TOL
+    assert (step[1, 0] - alone_long[0, 30]).abs().max() <= TOL
 
 
 def test_bf16_logits_track_fp32(tmp_path):

@@ -44,7 +44,7 @@ def test_greedy_identical_alone_and_in_a_full_batch_with_staggered_arrivals(pres
     prompts, news = workload(12, max_new=60)   # windowed: prompts + generations cross the window
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in news]
     alone = [generate(model, [p], q)[0] for p, q in zip(prompts, params)]
-    engine_alone = [Engine(model, max_batch=1).generate([p], q)[0] for p, q in zip(prompts, params)]
+    engine_alone = [run_staggered(Engine(model, max_batch=1), [p], [q], [0])[0] for p, q in zip(prompts, params)]
     batched = run_staggered(Engine(model, max_batch=4, max_queue=16, prefill_chunk=16), prompts, params,
                             gaps=[0, 0, 3, 1, 0, 7, 2, 0, 0, 5, 1, 0])
     assert [c.tokens for c in engine_alone] == [c.tokens for c in alone]
@@ -56,7 +56,7 @@ def test_batch_rows_really_share_steps():
     model = random_model("tiny", eos_token_id=None)
     prompts, _ = workload(8)
     engine = Engine(model, max_batch=8)
-    engine.generate(prompts, max_new_tokens=20, temperature=0)
+    run_staggered(engine, prompts, [SamplingParams(max_new_tokens=20, temperature=0)] * 8, [0] * 8)
     assert engine.stats.steps == 19                       # the first token comes from the prefill
     assert engine.stats.decode_rows == 8 * 19
 
@@ -150,7 +150,7 @@ def test_per_row_cache_matches_full_forward():
     model = random_model("tiny-mistral")
     seqs = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 30, 19)]
     with torch.inference_mode():
-        cache = model.new_cache(3, 64, per_row=True)
+        cache = model.new_cache(3, 64)
         for r, s in enumerate(seqs):
             model(torch.tensor([s[:-1]]), cache.row(r))
             cache.lengths[r] = len(s) - 1

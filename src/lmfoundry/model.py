@@ -3,8 +3,8 @@
 Pre-norm residual blocks of RMSNorm -> attention (RoPE in the Hugging Face rotate-half
 layout, MHA/GQA/MQA through scaled_dot_product_attention, optional q/k RMSNorm, optional
 sliding window) and RMSNorm -> SwiGLU. Solar Pro's weighted skip connections blend a saved
-residual stream back in before chosen layers. A static KV cache serves decoding, with one
-length for the whole batch (generate) or one per row (continuous batching in serve/).
+residual stream back in before chosen layers. A static KV cache with one length per row serves
+every decoder (generate's static batches, the serving engine's continuous batching).
 
 Parameter names are the canonical layout (ModelConfig.shapes()); checkpoint formats map
 them to each architecture's Hugging Face names.
@@ -12,6 +12,7 @@ them to each architecture's Hugging Face names.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,56 +69,62 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, [B, n_kv_heads, max_len, head_dim].
+    """Preallocated keys and values for every layer, [B, n_kv_heads, max_len, head_dim], and
+    each row's token count in `lengths` (a CPU LongTensor [B]: the host reads it without a sync).
 
-    Shared-length mode (static batches): all rows hold `length` tokens. `pad` (LongTensor [B])
-    counts left-padding slots per row: those keys are never attended to and RoPE positions
-    start after them, so a left-padded batch decodes exactly like each row alone.
-
-    Per-row mode (`per_row=True`, continuous batching): `lengths` (LongTensor [B]) holds each
-    row's own token count. A forward with tokens [B, T] writes row b's keys at positions
-    lengths[b] .. lengths[b]+T-1 (also its RoPE positions), lets row b see only its keys
-    [0, lengths[b]+t], and advances every row by T. `row(b, length)` is a shared-length view of
-    one row, for prefilling a sequence into it while the other rows wait; `rows(lo, hi)` is a
-    per-row view of a range of rows. Views share storage with the cache they came from.
+    A forward with tokens [B, T] writes row b's keys at positions lengths[b] .. lengths[b]+T-1
+    (also their RoPE positions), lets each query see its own row's keys up to its own position,
+    and advances every row by T. Rows may hold different lengths, so one forward decodes rows
+    of any length (continuous batching), and right-padded prompts of different lengths are
+    prefilled together: the padding's keys land after a row's end, where the row's next real
+    tokens overwrite them before anything can read them, and the caller then sets `lengths` to
+    the real lengths. `rows(lo, hi)` is a view of a range of rows that shares storage and lengths.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None, pad=None,
-                 per_row: bool = False):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None):
         self.max_len = max_len
         self.k = [torch.zeros(batch, kv, max_len, cfg.head_dim, dtype=dtype, device=device) for kv in cfg.n_kv_heads]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.length = 0
-        self.pad = None if pad is None or not bool((pad > 0).any()) else pad.to(device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device) if per_row else None
-        self._end = 0   # per-row mode: keys [0, _end) are read by the current forward
-
-    @classmethod
-    def _view(cls, k, v, max_len, length=0, lengths=None) -> "KVCache":
-        view = cls.__new__(cls)
-        view.k, view.v, view.max_len, view.length, view.pad = k, v, max_len, length, None
-        view.lengths, view._end = lengths, 0
-        return view
-
-    def row(self, b: int, length: int = 0) -> "KVCache":
-        """Row b as a one-row, shared-length cache already holding `length` tokens."""
-        return KVCache._view([k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v], self.max_len, length)
+        self.lengths = torch.zeros(batch, dtype=torch.long)
 
     def rows(self, lo: int, hi: int) -> "KVCache":
-        """Rows [lo, hi) in per-row mode (their lengths advance in this cache too)."""
-        return KVCache._view([k[lo:hi] for k in self.k], [v[lo:hi] for v in self.v], self.max_len,
-                             lengths=self.lengths[lo:hi])
+        """Rows [lo, hi) as a cache of their own (their keys and lengths are this cache's)."""
+        view = KVCache.__new__(KVCache)
+        view.max_len, view.lengths = self.max_len, self.lengths[lo:hi]
+        view.k, view.v = [k[lo:hi] for k in self.k], [v[lo:hi] for v in self.v]
+        return view
 
-    def update(self, layer: int, k, v, start):
-        if self.lengths is not None:   # start: positions [B, T], one write per row
+    def row(self, b: int) -> "KVCache":
+        return self.rows(b, b + 1)
+
+    def plan(self, T: int, device) -> "CacheWrite":
+        """Where a forward of T tokens per row writes, and how many keys it reads."""
+        lengths = self.lengths
+        end = int(lengths.max()) + T
+        if end > self.max_len:
+            raise GenerationError(f"KV cache holds {self.max_len} tokens per row; cannot append {T} after "
+                                  f"{end - T}")
+        start = int(lengths[0])
+        uniform = bool((lengths == start).all())
+        positions = lengths.to(device, non_blocking=True)[:, None] + torch.arange(T, device=device)
+        return CacheWrite(positions, end, start if uniform else None)
+
+    def update(self, layer: int, k, v, write: "CacheWrite"):
+        """Store this forward's keys and values [B, kv, T, hd]; return the keys and values to attend to."""
+        if write.start is not None:   # every row starts at the same length: one slice
+            self.k[layer][:, :, write.start:write.start + k.shape[2]] = k
+            self.v[layer][:, :, write.start:write.start + k.shape[2]] = v
+        else:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[layer][rows, :, start] = k.transpose(1, 2)
-            self.v[layer][rows, :, start] = v.transpose(1, 2)
-            return self.k[layer][:, :, :self._end], self.v[layer][:, :, :self._end]
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+            self.k[layer][rows, :, write.positions] = k.transpose(1, 2)
+            self.v[layer][rows, :, write.positions] = v.transpose(1, 2)
+        return self.k[layer][:, :, :write.end], self.v[layer][:, :, :write.end]
+
+
+class CacheWrite(NamedTuple):
+    positions: torch.Tensor       # [B, T] where each new token goes (and its RoPE position)
+    end: int                      # keys [0, end) are read
+    start: int | None             # the rows' common length, None when they differ
 
 
 class Attention(nn.Module):
@@ -133,7 +140,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, write: CacheWrite | None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -143,7 +150,7 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v, start)
+            k, v = cache.update(layer, k, v, write)
         groups = self.n_heads // self.n_kv_heads
         if T == 1 and groups > 1 and (mask is None or mask.shape[0] == B):
             # One query per row: fold the query heads of each kv group into the query axis,
@@ -180,8 +187,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ffn_dim[i])
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, cache, layer, write):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, write)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -217,47 +224,35 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
-    def new_cache(self, batch: int, max_len: int, pad=None, per_row: bool = False) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device, pad, per_row)
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                doc_ids: torch.Tensor | None = None):
-        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+                doc_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None):
+        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only, or at one position per
+        row with logits_at, a LongTensor [B] of positions in 0..T-1).
 
-        With a cache, the tokens continue the cached sequence and their keys/values are
+        With a cache, the tokens continue each row's cached sequence and their keys/values are
         appended to it. `doc_ids` [B, T] marks packed documents (training): a token attends
         only to earlier tokens of its own document, and RoPE positions restart at 0 at every
         document start, so a packed row computes exactly what each document computes alone.
         """
         B, T = tokens.shape
-        per_row = cache is not None and cache.lengths is not None
-        if per_row:
+        write = None
+        if cache is not None:
             if doc_ids is not None:
-                raise GenerationError("doc_ids (packed documents) cannot be combined with a per-row KV cache")
-            positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)   # [B, T]
-            end = int(cache.lengths.max()) + T
-            if end > cache.max_len:
-                raise GenerationError(f"KV cache holds {cache.max_len} tokens per row; cannot append {T} "
-                                      f"after {end - T}")
-            cache._end, start = end, positions   # the cache writes row b at positions[b]
+                raise GenerationError("doc_ids (packed documents) cannot be combined with a KV cache")
+            write = cache.plan(T, tokens.device)
+            positions, mask = write.positions, self._cache_mask(write, T)
         else:
-            start = cache.length if cache is not None else 0
-            if cache is not None and start + T > cache.max_len:
-                raise GenerationError(f"KV cache holds {cache.max_len} tokens; cannot append {T} after {start}")
-            pad = cache.pad if cache is not None else None
-            slots = torch.arange(start, start + T, device=tokens.device)
+            positions = torch.arange(T, device=tokens.device)[None]
             if doc_ids is not None:
-                positions = slots[None] - _doc_starts(doc_ids)
-            else:
-                positions = slots[None] if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
+                positions = positions - _doc_starts(doc_ids)
+            mask = self._mask(T, doc_ids, tokens.device)
         freqs = positions[..., None].float() * self.inv_freq          # [B or 1, T, hd/2], fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # [B or 1, 1, T, hd]
         x = self.embed(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = self._row_mask(positions, end) if per_row else self._mask(start, T, pad, tokens.device)
-        if doc_ids is not None:
-            same_doc = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-            mask = same_doc & (mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril())
 
         saved = [None] * len(self.config.skip_save)
         w = self.config.skip_weights[0 if self.training else 1]
@@ -266,41 +261,45 @@ class Transformer(nn.Module):
                 saved[s] = x
             for s in self._blends[i]:
                 x = saved[s] * w + x * (1 - w)   # Solar Pro: weight on the earlier, saved state
-            x = layer(x, cos, sin, mask, cache, i, start)
-        if per_row:
+            x = layer(x, cos, sin, mask, cache, i, write)
+        if cache is not None:
             cache.lengths += T
-        elif cache is not None:
-            cache.length = start + T
-        if last_only:
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at.to(x.device)][:, None]
+        elif last_only:
             x = x[:, -1:]
         x = self.norm(x)
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
 
-    def _row_mask(self, positions: torch.Tensor, end: int):
-        """Per-row mode: [B, 1, T, end], query at positions[b, t] sees keys [0, positions[b, t]]
-        of its own row (within the sliding window, if any)."""
-        q = positions[:, None, :, None]
-        k = torch.arange(end, device=positions.device)
+    def _cache_mask(self, write: CacheWrite, T: int):
+        """[B, 1, T, end]: the query at positions[b, t] sees keys [0, positions[b, t]] of its row
+        (within the sliding window, if any); None when plain causal attention computes that."""
+        window = self.config.sliding_window
+        windowed = window is not None and write.end > window
+        if write.start is not None and not windowed and (T == 1 or write.start == 0):
+            return None
+        q = write.positions[:, None, :, None]
+        k = torch.arange(write.end, device=q.device)
         allowed = k <= q
-        if self.config.sliding_window is not None:
-            allowed = allowed & (q - k < self.config.sliding_window)
+        if windowed:
+            allowed = allowed & (q - k < window)
         return allowed
 
-    def _mask(self, start: int, T: int, pad, device):
-        """Boolean attention mask [B or 1, 1, T, start+T], or None when plain causal will do."""
-        S, window = start + T, self.config.sliding_window
-        windowed = window is not None and S > window
-        if pad is None and not windowed and (T == 1 or start == 0):
+    def _mask(self, T: int, doc_ids, device):
+        """Without a cache: None for plain causal attention, else a boolean mask [B or 1, 1, T, T]
+        (sliding window, packed documents)."""
+        window = self.config.sliding_window
+        windowed = window is not None and T > window
+        if doc_ids is None and not windowed:
             return None
-        q = torch.arange(start, S, device=device)[:, None]
-        k = torch.arange(S, device=device)[None]
+        q = torch.arange(T, device=device)[:, None]
+        k = torch.arange(T, device=device)[None]
         allowed = k <= q
         if windowed:
             allowed = allowed & (q - k < window)
         allowed = allowed[None, None]
-        if pad is not None:
-            # padding keys are never seen; a padding query sees itself so no row is empty
-            allowed = (allowed & (k >= pad[:, None, None, None])) | (k == q)
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         return allowed
 
 

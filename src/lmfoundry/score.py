@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GenerationError
+from .generate import prefill
 
 
 @torch.inference_mode()
@@ -161,9 +162,9 @@ def loglikelihood_shared(model, requests: Sequence[tuple[Sequence[int], Sequence
     `groups[i]` is a hashable key; requests with equal keys share a prefix (the longest common
     token prefix of their context+continuation, never extending into a continuation). By default
     requests with identical context tokens form a group, which is multiple-choice scoring.
-    Contexts of a batch are left-padded (the cache masks the padding and starts RoPE positions
-    after it), the prefill's KV cache is copied across each group's rows and the remainders run
-    right-padded, so every row computes what it would alone (batch-invariant to ~1e-6 in fp32).
+    The prefixes of a batch are prefilled right-padded into a KV cache with one length per row,
+    the cache is copied across each group's rows and the remainders run right-padded after each
+    row's own prefix, so every row computes what it would alone (batch-invariant to ~1e-6 in fp32).
     `batch_size` bounds the rows of every forward: up to batch_size groups are prefilled together,
     then their requests run batch_size at a time, longest remainder first.
     """
@@ -208,12 +209,8 @@ def _shared_batch(model, requests, batch, remainder, out, batch_size, on_batch):
     device = model.device
     G = len(batch)
     P = max(p for p, _ in batch)
-    pad = torch.tensor([P - p for p, _ in batch], device=device)
-    prefix = torch.zeros(G, P, dtype=torch.long)
-    for g, (p, idx) in enumerate(batch):
-        prefix[g, P - p:] = torch.tensor(requests[idx[0]][0][:p])
-    cache = model.new_cache(G, P, pad=pad)
-    last = model(prefix.to(device), cache, last_only=True)[:, -1]            # [G, V]: predicts token p
+    cache = model.new_cache(G, P)
+    last = prefill(model, cache, [requests[idx[0]][0][:p] for p, idx in batch])   # [G, V]: predicts token p
     rows = sorted(((g, i, remainder(i, batch[g][0])) for g, (_, idx) in enumerate(batch) for i in idx),
                   key=lambda row: -len(row[2]))
     for c in range(0, len(rows), batch_size):
@@ -221,12 +218,12 @@ def _shared_batch(model, requests, batch, remainder, out, batch_size, on_batch):
         R = len(chunk[0][2])
         rem_logits = None
         if R > 0:
-            row_map = torch.tensor([g for g, _, _ in chunk], device=device)
-            sub = model.new_cache(len(chunk), P + R, pad=pad.index_select(0, row_map))
+            row_map = torch.tensor([g for g, _, _ in chunk])
+            sub = model.new_cache(len(chunk), P + R)
             for layer in range(len(sub.k)):
-                sub.k[layer][:, :, :P] = cache.k[layer].index_select(0, row_map)
-                sub.v[layer][:, :, :P] = cache.v[layer].index_select(0, row_map)
-            sub.length = P
+                sub.k[layer][:, :, :P] = cache.k[layer].index_select(0, row_map.to(device))
+                sub.v[layer][:, :, :P] = cache.v[layer].index_select(0, row_map.to(device))
+            sub.lengths.copy_(cache.lengths.index_select(0, row_map))
             rem = torch.zeros(len(chunk), R, dtype=torch.long)
             for r, (_, _, toks) in enumerate(chunk):
                 if toks:

@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import JudgeError
+from ..generate import SamplingParams, generate_text
 from .data import read_records
+from .lm import Progress
 
 
 # ---------------------------------------------------------------- judge prompts (data)
@@ -336,45 +338,30 @@ class JudgeClient:
 # ---------------------------------------------------------------- answer generation
 def generate_answers(lm, questions: list[Question], bench: str, strategy: str = "default",
                      max_new_tokens: int = 1024, seed: int = 0, progress: bool = True) -> list[list[str]]:
-    """Two-turn answers with the model's chat template; turn 2 is conditioned on turn 1's answer."""
-    from ..generate import generate
-    from .lm import _Progress
-    tok, model = lm.tokenizer, lm.model
-    limit = model.config.max_seq_len
+    """Two-turn answers with the model's chat template; turn 2 is conditioned on turn 1's answer.
+    A conversation longer than the context keeps its last tokens, leaving at least a quarter of
+    the context (up to max_new_tokens) for the answer."""
+    limit = lm.model.config.max_seq_len
     prefix = LOGICKOR_STRATEGIES[strategy] if bench == "logickor" else []
     stops = LOGICKOR_STOP if bench == "logickor" else ()
     answers = [[] for _ in questions]
-    n_turns = max(len(q.turns) for q in questions)
-    with _Progress(sum(len(q.turns) for q in questions), f"{bench} answers", progress) as bar:
-        for t in range(n_turns):
+    with Progress(sum(len(q.turns) for q in questions), f"{bench} answers", progress) as bar:
+        for t in range(max(len(q.turns) for q in questions)):
             todo = [i for i, q in enumerate(questions) if len(q.turns) > t]
-            by_temp: dict = {}
+            chats, params = [], []
             for i in todo:
-                temp = MT_BENCH_TEMPERATURE.get(questions[i].category, 0.7) if bench != "logickor" else 0.0
-                by_temp.setdefault(temp, []).append(i)
-            for temp, idx in by_temp.items():
-                prompts = {}
-                for i in idx:
-                    q = questions[i]
-                    msgs = list(prefix)
-                    for k in range(t):
-                        msgs += [{"role": "user", "content": q.turns[k]}, {"role": "assistant", "content": answers[i][k]}]
-                    msgs.append({"role": "user", "content": q.turns[t]})
-                    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-                    room = min(max_new_tokens, max(limit // 4, 1))
-                    prompts[i] = ids[-(limit - room):] if len(ids) > limit - room else ids
-                idx.sort(key=lambda i: -len(prompts[i]))
-                for b in range(0, len(idx), lm.batch_size):
-                    rows = idx[b:b + lm.batch_size]
-                    n = min(max_new_tokens, limit - max(len(prompts[i]) for i in rows))
-                    outs = generate(model, [prompts[i] for i in rows], max_new_tokens=n, temperature=temp,
-                                    seed=seed if temp > 0 else None, stop_strings=stops, tokenizer=tok)
-                    for i, c in zip(rows, outs):
-                        text = tok.decode(c.tokens)
-                        for s in stops:
-                            text = text.split(s)[0]
-                        answers[i].append(text.strip())
-                    bar.update(len(rows))
+                q = questions[i]
+                msgs = list(prefix)
+                for k in range(t):
+                    msgs += [{"role": "user", "content": q.turns[k]}, {"role": "assistant", "content": answers[i][k]}]
+                chats.append(msgs + [{"role": "user", "content": q.turns[t]}])
+                temp = MT_BENCH_TEMPERATURE.get(q.category, 0.7) if bench != "logickor" else 0.0
+                params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,
+                                             seed=seed if temp > 0 else None, stop_strings=stops))
+            texts = generate_text(lm.model, lm.tokenizer, chats, params, min_room=limit // 4,
+                                  batch_size=lm.batch_size, on_done=bar.update)
+            for i, text in zip(todo, texts):
+                answers[i].append(text.strip())
     return answers
 
 
@@ -391,11 +378,10 @@ def is_korean(text: str) -> bool:
 def judge_mt_bench(judge: JudgeClient, questions, answers, prompts=None, references=None, korean=False,
                    model_id="model", progress=True) -> list[dict]:
     """FastChat single-answer grading of both turns; returns its model_judgment records."""
-    from .lm import _Progress
     prompts = prompts or MT_BENCH_PROMPTS
     references = references or {}
     out = []
-    with _Progress(sum(min(len(q.turns), 2) for q in questions), "judging", progress) as bar:
+    with Progress(sum(min(len(q.turns), 2) for q in questions), "judging", progress) as bar:
         for q, ans in zip(questions, answers):
             ref = references.get(q.id) or q.references or []
             use_ref = q.category in NEED_REF_CATS and bool(ref)
@@ -428,9 +414,8 @@ def judge_mt_bench(judge: JudgeClient, questions, answers, prompts=None, referen
 
 def judge_logickor(judge: JudgeClient, questions, answers, progress=True) -> list[dict]:
     """LogicKor grading: a single-turn and a multi-turn judgment per question (its evaluated/ records)."""
-    from .lm import _Progress
     out = []
-    with _Progress(2 * len(questions), "judging", progress) as bar:
+    with Progress(2 * len(questions), "judging", progress) as bar:
         for q, ans in zip(questions, answers):
             row = {"id": q.id, "category": q.category, "questions": q.turns, "outputs": ans,
                    "references": q.references or [None, None]}

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..errors import GenerationError
 from .. import score
+from ..errors import GenerationError
+from ..generate import SamplingParams, generate_text
 
 
 class LM:
@@ -93,7 +94,7 @@ class LM:
         return self.loglikelihood_tokens(encoded, groups, desc)
 
     def loglikelihood_tokens(self, encoded, groups=None, desc="loglikelihood"):
-        with _Progress(len(encoded), desc, self.progress) as bar:
+        with Progress(len(encoded), desc, self.progress) as bar:
             if self.share_prefix:
                 return score.loglikelihood_shared(self.model, encoded, self.batch_size, groups=groups,
                                                   on_batch=bar.update)
@@ -109,7 +110,7 @@ class LM:
                 windows.append(w)
                 owner.append(k)
         totals = [[0.0, 0] for _ in texts]
-        with _Progress(len(windows), desc, self.progress) as bar:
+        with Progress(len(windows), desc, self.progress) as bar:
             scored = score.loglikelihood_direct(self.model, windows, self.batch_size, on_batch=bar.update)
         for k, (ctx, cont), (s, _) in zip(owner, windows, scored):
             totals[k][0] += s
@@ -118,43 +119,31 @@ class LM:
 
     def generate_until(self, requests: Sequence[tuple[str, dict]], desc: str = "generate_until") -> list[str]:
         """Greedy (or sampled, with temperature > 0 / do_sample) continuations of each context,
-        cut at the first occurrence of any `until` string (EOS always stops)."""
-        from ..generate import generate
-        out: list = [None] * len(requests)
-        by_kwargs: dict = {}
-        for i, (ctx, kw) in enumerate(requests):
+        cut at the first occurrence of any `until` string (EOS always stops); contexts keep
+        their last tokens so that max_gen_toks fit (lm-eval's truncation)."""
+        params = []
+        for ctx, kw in requests:
             kw = dict(kw or {})
             until = kw.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             n = next((int(kw.pop(k)) for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kw), 256)
+            if n >= self.max_length:
+                raise GenerationError(f"max_gen_toks={n} leaves no room for a context in the model's "
+                                      f"{self.max_length} tokens; lower it (--max-gen-toks)")
             do_sample = bool(kw.pop("do_sample", False))
-            temp = float(kw.pop("temperature", 0.0)) if do_sample else 0.0
-            key = (tuple(s for s in until if s), n, temp, kw.pop("seed", None))
-            by_kwargs.setdefault(key, []).append(i)
-        with _Progress(len(requests), desc, self.progress) as bar:
-            for (until, n, temp, seed), idx in by_kwargs.items():
-                if n >= self.max_length:
-                    raise GenerationError(f"max_gen_toks={n} leaves no room for a context in the model's {self.max_length} "
-                                          f"tokens; lower it (--max-gen-toks)")
-                prompts = {i: self.tok_encode(requests[i][0])[-(self.max_length - n):] for i in idx}
-                idx = sorted(idx, key=lambda i: -len(prompts[i]))
-                for b in range(0, len(idx), self.batch_size):
-                    rows = idx[b:b + self.batch_size]
-                    comps = generate(self.model, [prompts[i] for i in rows], max_new_tokens=n, temperature=temp,
-                                     seed=seed, stop_strings=until, tokenizer=self.tokenizer)
-                    for i, c in zip(rows, comps):
-                        text = self.tokenizer.decode(c.tokens)
-                        for s in until:
-                            text = text.split(s)[0]
-                        out[i] = text
-                    bar.update(len(rows))
-        return out
+            temperature = float(kw.pop("temperature", 0.0)) if do_sample else 0.0
+            params.append(SamplingParams(max_new_tokens=n, temperature=temperature, seed=kw.pop("seed", None),
+                                         stop_strings=tuple(s for s in until if s)))
+        prompts = [self.tok_encode(ctx) for ctx, _ in requests]
+        with Progress(len(requests), desc, self.progress) as bar:
+            return generate_text(self.model, self.tokenizer, prompts, params, context=self.max_length,
+                                 batch_size=self.batch_size, on_done=bar.update)
 
     def chat_template_text(self) -> str | None:
         return self.tokenizer.chat_template
 
 
-class _Progress:
+class Progress:
     """A tqdm bar (rate and ETA) on stderr, or nothing."""
 
     def __init__(self, total: int, desc: str, enabled: bool):

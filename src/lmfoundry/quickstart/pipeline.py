@@ -460,24 +460,20 @@ class Quickstart:
                 "pref_n": len(margins)}
 
     def _chat_samples(self, lm) -> list[dict]:
-        from ..generate import generate
+        from ..generate import SamplingParams, generate_text
+        from ..records import read_records
         prompts = []
         for f in ("sft_general_heldout.jsonl", "sft_math_heldout.jsonl"):
-            recs = [json.loads(x) for x in (self.data / f).read_text(encoding="utf-8").splitlines() if x.strip()]
+            recs = [r for _, r in read_records(self.data / f)]
             en = next((r for r in recs if not _has_hangul(r["messages"][-2]["content"])), None)
             ko = next((r for r in recs if _has_hangul(r["messages"][-2]["content"])), None)
             prompts += [r for r in (en, ko) if r is not None]
-        samples = []
-        for r in prompts:
-            msgs = [m for m in r["messages"][:-1]]
-            ids = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            room = lm.model.config.max_seq_len - len(ids)
-            if room < 8:
-                continue
-            (c,) = generate(lm.model, [ids], max_new_tokens=min(self.plan.max_gen_toks, room), temperature=0.0)
-            samples.append({"prompt": msgs[-1]["content"], "reference": r["messages"][-1]["content"],
-                            "output": lm.tokenizer.decode(c.tokens, skip_special_tokens=True).strip()})
-        return samples
+        chats = [r["messages"][:-1] for r in prompts]
+        outputs = generate_text(lm.model, lm.tokenizer, chats, SamplingParams(max_new_tokens=self.plan.max_gen_toks,
+                                                                              temperature=0.0),
+                                min_room=8, batch_size=len(chats) or 1)
+        return [{"prompt": r["messages"][-2]["content"], "reference": r["messages"][-1]["content"],
+                 "output": text.strip()} for r, text in zip(prompts, outputs)]
 
 
 TRAIN_STAGES = ("base", "continue", "control", "sft-a", "sft-b", "dpo")

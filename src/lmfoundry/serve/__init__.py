@@ -3,7 +3,7 @@
 
     from lmfoundry.serve import Engine
     engine = Engine(model, tokenizer, max_batch=16).start()
-    engine.generate([prompt_ids], max_new_tokens=32, temperature=0)
+    engine.submit(prompt_ids, SamplingParams(max_new_tokens=32, temperature=0)).result()
 
     lmfoundry serve CHECKPOINT --port 8000        # then any OpenAI client at http://127.0.0.1:8000/v1
 """

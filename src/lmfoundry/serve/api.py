@@ -25,7 +25,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from ..errors import GenerationError, LMFoundryError
-from ..generate import SamplingParams, _stop_id_tuple
+from ..generate import SamplingParams, row_seed, stop_ids_of
 from .engine import Engine, EngineStopped, FinishEvent, QueueFull, TokenEvent
 from .protocol import APIError, GenRequest, bad, parse_chat, parse_completion, parse_json
 
@@ -218,7 +218,7 @@ class OpenAIServer:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.api_key = api_key
         self.context = engine.context
-        self.eos = _stop_id_tuple(None, engine.model.config)
+        self.eos = stop_ids_of(None, engine.model.config)
         self.metrics = Metrics()
         self.created = int(time.time())
         self._tokstr: dict[int, str] = {}
@@ -291,7 +291,7 @@ class OpenAIServer:
                     params = SamplingParams(max_new_tokens=m, temperature=req.temperature, top_k=req.top_k,
                                             top_p=req.top_p, repetition_penalty=req.repetition_penalty,
                                             stop_ids=stop_ids, stop_strings=req.stop,
-                                            seed=None if req.seed is None else req.seed + j)
+                                            seed=row_seed(req.seed, j))
                 except GenerationError as e:
                     raise bad(str(e)) from None
                 items.append((prompt, params, req.logprobs, i * req.n + j))

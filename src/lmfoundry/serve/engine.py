@@ -16,10 +16,9 @@ Each step (a token boundary):
    `lengths` put each row's key at its own position, with its own RoPE position and mask.
 
 A sequence's tokens depend only on its own prompt and parameters: the batch changes which
-rows share a matmul, never what a row attends to. Sampling uses generate.py's
-`process_logits` per row with the row's own seeded generator (greedy rows are one argmax),
-and stop ids / stop strings follow generate.py (a stop id is not part of the output; the
-token completing a stop string is).
+rows share a matmul, never what a row attends to. Prefill, decode steps, sampling (each
+request's own seeded generator), stop rules and log-probs are generate.py's decode core, the
+same functions `generate()` drives, so a request gives the same tokens here and there.
 
 Results reach consumers as lists of events per step: a thread-safe queue.Queue by default,
 or an asyncio queue on a given event loop (one call_soon_threadsafe per loop per step).
@@ -32,6 +31,7 @@ import heapq
 import itertools
 import logging
 import queue
+import dataclasses
 import secrets
 import threading
 import time
@@ -42,7 +42,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from ..errors import EngineStopped, GenerationError, QueueFull
-from ..generate import Completion, SamplingParams, _stop_id_tuple, process_logits
+from ..generate import Completion, Sampler, SamplingParams, decode_step, prefill, sample
 
 log = logging.getLogger("lmfoundry.serve")
 
@@ -83,11 +83,12 @@ class Sequence:
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, logprobs: int | None,
                  loop: asyncio.AbstractEventLoop | None, sink, tag):
         self.id = next(Sequence._ids)
-        self.engine, self.prompt, self.params, self.logprobs = engine, prompt, params, logprobs
-        self.stop_ids = frozenset(_stop_id_tuple(params.stop_ids, engine.model.config))
+        if logprobs is not None:
+            params = dataclasses.replace(params, logprobs=logprobs)
+        self.engine, self.prompt, self.params = engine, prompt, params
         self.loop, self.tag = loop, tag
         self.queue = sink if sink is not None else (queue.Queue() if loop is None else asyncio.Queue())
-        self.tokens: list[int] = []
+        self.sampler: Sampler | None = None     # made when its prefill starts (it owns the tokens)
         self.finish: FinishEvent | None = None
         self.state = "waiting"          # waiting -> prefill -> decode -> done
         self.row: int | None = None
@@ -95,9 +96,6 @@ class Sequence:
         self.reserved = len(prompt) + params.max_new_tokens
         self.cancelled = False
         self.pending: list = []         # events produced this step, delivered at its end
-        self.sampled = params.temperature > 0 or params.repetition_penalty != 1.0
-        self.rng: torch.Generator | None = None
-        self.seen: torch.Tensor | None = None
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.t_end: float | None = None
@@ -123,6 +121,10 @@ class Sequence:
                 if event.reason == "error":
                     raise GenerationError(event.error or "generation failed")
         return self.completion()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sampler.tokens if self.sampler is not None else []
 
     def completion(self) -> Completion:
         f = self.finish
@@ -157,10 +159,10 @@ class Engine:
             raise GenerationError(f"kv_budget must hold at least 2 tokens, got {self.kv_budget}")
         self.logprob_memory = logprob_memory
         self.device, V = model.device, cfg.vocab_size
-        self.cache = model.new_cache(max_batch, self.context, per_row=True)
+        self.cache = model.new_cache(max_batch, self.context)
         self.cache_bytes = sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
-        self._next = torch.zeros(max_batch, dtype=torch.long, device=self.device)     # input token per row
-        self._idle = torch.ones(max_batch, dtype=torch.long, device=self.device)      # 1 = not decoding
+        self._next = torch.zeros(max_batch, dtype=torch.long)     # input token per row
+        self._idle = torch.ones(max_batch, dtype=torch.long)      # 1 = not decoding (the cache's lengths live on the host)
         self._rows: list[Sequence | None] = [None] * max_batch
         self._free = list(range(max_batch))                 # heap: lowest free row first (keeps rows dense)
         self._prefilling: deque[Sequence] = deque()
@@ -257,17 +259,6 @@ class Engine:
         longest = max(len(s) for s in sequences)
         batch = max(1, min(16, self.logprob_memory // max(1, 4 * longest * self._vocab)))
         return self.call(token_logprobs, self.model, sequences, batch, top_k)
-
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | None = None, **overrides) -> list[Completion]:
-        """Blocking convenience: like generate.generate, but through the engine's scheduler.
-        Without a running thread, the caller's thread drives the steps."""
-        import dataclasses
-        params = dataclasses.replace(params or SamplingParams(), **overrides)
-        seqs = [self.submit(p, params) for p in prompts]
-        if self._thread is None:
-            while any(s.finish is None for s in seqs):
-                self.step()
-        return [s.result() for s in seqs]
 
     def snapshot(self) -> dict:
         """Gauges for /metrics and logs."""
@@ -366,35 +357,25 @@ class Engine:
             if s.finish is not None:
                 self._prefilling.popleft()
                 continue
-            if s.prefilled == 0:
-                self._prepare(s)
+            if s.sampler is None:
+                seed = s.params.seed if s.params.seed is not None else secrets.randbits(63)
+                s.sampler = Sampler(s.prompt, s.params, self.model.config, self.tokenizer, self.device, seed)
             lo = s.prefilled
             hi = min(len(s.prompt), lo + self.prefill_chunk)   # fixed boundaries: load never changes the math
-            x = torch.tensor([s.prompt[lo:hi]], device=self.device)
-            logits = self.model(x, self.cache.row(s.row, lo), last_only=True)[:, -1]
+            # a decode step between two chunks writes a dummy key at `lo`, which this chunk overwrites
+            logits = prefill(self.model, self.cache.row(s.row), [s.prompt[lo:hi]])
             s.prefilled, budget = hi, budget - (hi - lo)
-            # a decode step before the next chunk writes a dummy key at `hi`, which that chunk overwrites
-            self.cache.lengths[s.row] = hi
             self.stats.prompt_tokens += hi - lo
             if hi < len(s.prompt):
                 continue
             self._prefilling.popleft()
             s.state = "decode"
             s.t_first = time.perf_counter()
-            (tok,), lps = self._choose([s], logits)
+            (tok,), lps = sample([s.sampler], logits)
             self._next[s.row] = tok
             self._idle[s.row] = 0
             self._accept(s, tok, lps.get(0))
         self.stats.prefill_seconds += time.perf_counter() - t0
-
-    def _prepare(self, s: Sequence) -> None:
-        p = s.params
-        if p.temperature > 0:
-            seed = p.seed if p.seed is not None else secrets.randbits(63)
-            s.rng = torch.Generator(self.device).manual_seed(seed)
-        if p.repetition_penalty != 1.0:
-            s.seen = torch.zeros(1, self._vocab, dtype=torch.bool, device=self.device)
-            s.seen[0, torch.tensor(s.prompt, device=self.device)] = True
 
     def _decode(self) -> None:
         """One token for every decoding row, in one forward over rows [0, hi) (free or
@@ -405,10 +386,10 @@ class Engine:
             return
         t0 = time.perf_counter()
         seqs = seqs[:hi]
-        logits = self.model(self._next[:hi, None], self.cache.rows(0, hi), last_only=True)[:, -1]
+        logits = decode_step(self.model, self.cache.rows(0, hi), self._next[:hi])
         self.cache.lengths[:hi] -= self._idle[:hi]   # rows not decoding keep their length
-        toks, lps = self._choose(seqs, logits)
-        self._next[:hi] = torch.tensor(toks, device=self.device)
+        toks, lps = sample([s.sampler if s is not None else None for s in seqs], logits)
+        self._next[:hi] = torch.tensor(toks)
         rows = 0
         for r, s in enumerate(seqs):
             if s is not None:
@@ -418,59 +399,13 @@ class Engine:
         self.stats.decode_rows += rows
         self.stats.decode_seconds += time.perf_counter() - t0
 
-    def _choose(self, seqs: list[Sequence | None], logits: torch.Tensor):
-        """Next token for every row of logits [R, V] (rows without a sequence get the argmax),
-        plus {row: (logprob, top)} for the rows that asked for logprobs. One host copy."""
-        logits = logits.float()
-        nxt = logits.argmax(-1)
-        special = [i for i, s in enumerate(seqs) if s is not None and s.sampled]
-        if special:
-            picks = []
-            for i in special:   # each row has its own parameters and generator
-                s = seqs[i]
-                scores = process_logits(logits[i:i + 1], s.params, s.seen)
-                if s.params.temperature == 0:
-                    picks.append(scores.argmax(-1))
-                else:
-                    picks.append(torch.multinomial(scores.softmax(-1), 1, generator=s.rng).squeeze(1))
-            nxt[torch.tensor(special, device=self.device)] = torch.cat(picks)
-        want = [i for i, s in enumerate(seqs) if s is not None and s.logprobs is not None]
-        if not want:
-            return nxt.tolist(), {}
-        idx = torch.tensor(want, device=self.device)
-        logp = torch.log_softmax(logits[idx], dim=-1)
-        chosen = logp.gather(1, nxt[idx][:, None])[:, 0]
-        k = max(seqs[i].logprobs for i in want)
-        top = logp.topk(k, dim=-1) if k else None
-        toks, chosen = nxt.tolist(), chosen.tolist()
-        top_ids, top_lps = (top.indices.tolist(), top.values.tolist()) if top is not None else (None, None)
-        out = {}
-        for j, i in enumerate(want):
-            kk = seqs[i].logprobs
-            out[i] = (chosen[j], list(zip(top_ids[j][:kk], top_lps[j][:kk])) if kk else [])
-        return toks, out
-
     def _accept(self, s: Sequence, tok: int, lp) -> None:
-        """Stop ids end the sequence without the token; otherwise it is emitted, then stop
-        strings and max_new_tokens may end it (generate.py's semantics)."""
-        if tok in s.stop_ids:
-            self._finish(s, FinishEvent("stop", tok))
-            return
-        s.tokens.append(tok)
-        self.stats.generated_tokens += 1
-        self._emit(s, TokenEvent(tok, *(lp if lp is not None else (None, None))))
-        if s.seen is not None:
-            s.seen[0, tok] = True
-        p = s.params
-        if p.stop_strings:
-            window = 4 * max(map(len, p.stop_strings)) + 4
-            text = self.tokenizer.decode(s.tokens[-window:])
-            hit = next((x for x in p.stop_strings if x in text), None)
-            if hit is not None:
-                self._finish(s, FinishEvent("stop", hit))
-                return
-        if len(s.tokens) >= p.max_new_tokens:
-            self._finish(s, FinishEvent("length"))
+        """The decode core's stop rules decide; the engine turns them into events."""
+        if s.sampler.accept(tok, lp):
+            self.stats.generated_tokens += 1
+            self._emit(s, TokenEvent(tok, *(lp if lp is not None else (None, None))))
+        if s.sampler.finish is not None:
+            self._finish(s, FinishEvent(*s.sampler.finish))
 
     def _finish(self, s: Sequence, event: FinishEvent) -> None:
         """End a sequence (any state) and free its row. Call with the lock held or on the engine thread."""

@@ -1,6 +1,7 @@
 """Depth Up-Scaling and a 3-model linear merge: lmfoundry vs mergekit-yaml, one run.
 
     .venv/bin/python benchmarks/scale.py --mergekit /path/to/mergekit-yaml [--size-mb 1000]
+        [--baseline-src /path/to/other/lmfoundry/src]
 
 Builds three random Llama-shaped checkpoints of about --size-mb each (fp32), then times each
 job as a separate process under /usr/bin/time (wall seconds, peak RSS):
@@ -10,10 +11,13 @@ job as a separate process under /usr/bin/time (wall seconds, peak RSS):
 and `cp -r` of one checkpoint as the disk's limit. mergekit is optional: without it only
 lmfoundry and the copy are timed. Install it apart from the project, e.g.
 python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 mergekit
+--baseline-src times another lmfoundry source tree beside this one (a regression check), e.g.
+git worktree add /tmp/base a8a6113, then --baseline-src /tmp/base/src.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -29,9 +33,11 @@ from lmfoundry.config import ModelConfig  # noqa: E402
 from lmfoundry.model import Transformer  # noqa: E402
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one command, from GNU time."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+def timed(cmd: list[str], src: str | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one command, from GNU time; `src` puts another lmfoundry
+    source tree first on its import path."""
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
@@ -45,6 +51,7 @@ def main():
     ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path to mergekit-yaml")
     ap.add_argument("--size-mb", type=float, default=1000)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--baseline-src", default=None, help="another lmfoundry src/ directory to time beside this one")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lmf-scale-"))
     # a Llama shape: dim 1024, 16 layers of ~16.8M params, vocab 32000; layers scaled to the size
@@ -76,7 +83,8 @@ def main():
         "lmfoundry": lmf + ["merge", str(lin_yaml), str(work / "lin-lmf")],
         "mergekit": [args.mergekit, str(lin_yaml), str(work / "lin-mk")] if args.mergekit else None}
     print(f"checkpoints: 3 x {size:.0f} MB fp32 ({layers} layers, {cfg.num_params() / 1e6:.0f}M params) in {work}")
-    print(f"{'job':<34}{'lmfoundry s':>12}{'RSS MB':>9}{'mergekit s':>12}{'RSS MB':>9}{'time ratio':>11}{'RSS ratio':>10}")
+    print(f"{'job':<34}{'lmfoundry s':>12}{'RSS MB':>9}{'mergekit s':>12}{'RSS MB':>9}{'time ratio':>11}{'RSS ratio':>10}"
+          + (f"{'baseline s':>12}{'RSS MB':>9}{'time ratio':>11}{'RSS ratio':>10}" if args.baseline_src else ""))
     copy_s = None
     for name, cmds in jobs.items():
         for d in work.glob("*-lmf"), work.glob("*-mk"), [work / "copy"]:
@@ -88,6 +96,13 @@ def main():
         if cmds.get("mergekit"):
             t_m, r_m = timed(cmds["mergekit"])
             row += f"{t_m:>12.1f}{r_m:>9.0f}{t_l / t_m:>10.2f}x{r_l / r_m:>9.2f}x"
+        elif args.baseline_src:
+            row += " " * 42
+        if args.baseline_src and name != "copy (cp -r)":
+            for p in work.glob("*-lmf"):
+                shutil.rmtree(p)
+            t_b, r_b = timed(cmds["lmfoundry"], args.baseline_src)
+            row += f"{t_b:>12.1f}{r_b:>9.0f}{t_l / t_b:>10.2f}x{r_l / r_b:>9.2f}x"
         if name != "copy (cp -r)":
             row += f"   ({t_l / copy_s:.1f}x the copy)"
         print(row, flush=True)

@@ -163,3 +163,57 @@ def test_yaml_files_bad_input_is_one_clear_error(tmp_path, capsys, verb, content
     err = capsys.readouterr().err
     assert err.startswith("lmfoundry: error:") and err.count("\n") == 1 and str(path) in err and message in err
     assert not (tmp_path / "out").exists()
+
+
+# ----- config.json errors name the file and the key as the user wrote it ---------------------
+
+@pytest.mark.parametrize("preset, fmt, changes, message", [
+    ("tiny", "llama", {"num_attention_heads": "six"}, "num_attention_heads must be a positive integer, got 'six'"),
+    ("tiny", "llama", {"rms_norm_eps": 0}, "rms_norm_eps must be a positive number, got 0"),
+    ("tiny-mistral", "mistral", {"num_key_value_heads": 3},
+     "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ("tiny-mistral", "mistral", {"sliding_window": -1}, "sliding_window must be a positive integer, got -1"),
+    ("tiny-solar-pro", "solar", {"bskcn_3": [2, 50]}, "bskcn_3: layer 50 is outside 0..7"),
+    ("tiny-solar-pro", "solar", {"bskcn_tv": [0.9, "high"]},
+     "bskcn_tv must be (training weight, inference weight), got [0.9, 'high']"),
+    ("tiny-exaone", "exaone", {"num_layers": "two"}, "num_layers must be a positive integer, got 'two'"),
+    ("tiny-exaone", "exaone", {"layer_norm_epsilon": -1e-5}, "layer_norm_epsilon must be a positive number, got -1e-05"),
+    ("tiny-openelm", "openelm", {"model_dim": "six"}, "model_dim must be a positive integer, got 'six'"),
+    ("tiny-openelm", "openelm", {"ffn_multipliers": "wide"},
+     "ffn_multipliers must be a number, a (min, max) pair or a list of 4 numbers, got 'wide'"),
+    ("tiny-openelm", "openelm", {"rope_freq_constant": "ten thousand"},
+     "rope_freq_constant must be a positive number, got 'ten thousand'"),
+])
+def test_bad_config_value_is_reported_with_its_file_and_its_own_key(tmp_path, preset, fmt, changes, message):
+    from lmfoundry.config import ModelConfig
+    from lmfoundry.model import Transformer
+    save_model(Transformer(ModelConfig.from_preset(preset)), tmp_path / fmt, format=fmt)
+    edit_config(tmp_path / fmt, **changes)
+    with pytest.raises(ConfigError) as e:
+        load_model(tmp_path / fmt)
+    assert str(e.value) == f"{tmp_path / fmt / 'config.json'}: {message}"
+
+
+def test_rope_parameters_errors_name_rope_parameters(ckpt):
+    edit_config(ckpt, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ConfigError, match=r"config\.json: rope_parameters: rope_type 'yarn' is not supported"):
+        load_model(ckpt)
+    edit_config(ckpt, rope_parameters={"rope_type": "default", "rope_theta": "big"})
+    with pytest.raises(ConfigError, match=r"config\.json: rope_parameters\.rope_theta must be a positive number"):
+        load_model(ckpt)
+
+
+def test_nan_is_reported_with_the_shard_and_the_stored_tensor_name(ckpt):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"][1, 2] = float("nan")
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.up_proj\.weight "):
+        load_model(ckpt)
+
+
+def test_integer_weights_are_refused_by_name(ckpt):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor model\.norm\.weight has dtype I32; weights must be"):
+        load_model(ckpt)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import hf_llama
 from lmfoundry.checkpoint.io import write_safetensors
@@ -353,6 +353,40 @@ def test_fused_format_merges_by_canonical_parts(tmp_path):
     assert fmt.name == "openelm" and got_cfg == cfg
     for name, load in loaders.items():
         torch.testing.assert_close(load(), (tensors[0][name] + 3 * tensors[1][name]) / 4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dtype": "fp8"}, "dtype: unknown dtype 'fp8'"),
+    ({"tokenizer_source": "nowhere"}, "tokenizer_source 'nowhere' not found"),
+    ({"parameters": {"weight": []}}, "parameter 'weight' for M1: parameter value []: a gradient is a non-empty list"),
+    ({"parameters": {"weight": 1, "density": 2}}, "parameter 'density' for M1 (tensor model.embed_tokens.weight) "
+                                                  "must be in [0, 1], got 2.0"),
+])
+def test_recipe_errors_name_the_recipe_file_and_the_key_as_written(trio, tmp_path, change, message):
+    root, _ = trio
+    recipe = {"merge_method": "ties", "base_model": str(root / "m0"), "models": [{"model": str(root / "m1")}], **change}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError) as e:
+        merge(tmp_path / "r.yml", tmp_path / "out")
+    assert str(e.value).startswith(f"{tmp_path / 'r.yml'}: " + message.replace("M1", str(root / "m1")))
+
+
+def test_tensor_errors_use_the_checkpoint_names(trio, tmp_path):
+    root, _ = trio
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(root / "m0"), "parameters": {"lambda": 1e38},
+              "models": [{"model": str(root / "m1"), "parameters": {"weight": 1e3}}]}
+    with pytest.raises(CheckpointError, match=r"NaN or inf values in model\.embed_tokens\.weight; nothing was"):
+        merge(recipe, tmp_path / "out")
+    shutil.copytree(root / "m1", tmp_path / "m1")
+    weights = load_file(str(tmp_path / "m1" / "model.safetensors"))
+    weights["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("inf")
+    save_file(weights, str(tmp_path / "m1" / "model.safetensors"))
+    recipe = {"merge_method": "linear", "models": [{"model": str(root / "m0"), "parameters": {"weight": 1.0}},
+                                                   {"model": str(tmp_path / "m1"), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(CheckpointError, match=r"m1/model\.safetensors: tensor model\.layers\.1\.self_attn\.o_proj\."
+                                              r"weight read as layers\.1\.attn\.o\.weight contains NaN or inf"):
+        merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ----- the streaming writer and peak memory ------------------------------------------------------

@@ -7,9 +7,11 @@ lists of layer-index lists plus a (training, inference) pair of blend weights.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import InitVar, dataclass, field
 
 from .errors import ConfigError
 
@@ -45,46 +47,62 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     init_std: float = 0.02
+    # Not stored: the name each field has where the user wrote it (e.g. config.json's keys, with
+    # "skip_save[0]" for one slot), so that errors speak the user's vocabulary, not ours.
+    names: InitVar[dict[str, str] | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, names=None):
+        def name(field_name: str) -> str:
+            return (names or {}).get(field_name, field_name)
+
+        for key in ("vocab_size", "dim", "n_layers", "max_seq_len"):
+            check_positive_int(name(key), getattr(self, key))
         L = self.n_layers
-        if not isinstance(L, int) or L < 1:
-            raise ConfigError(f"n_layers must be a positive integer, got {L!r}")
-        self.n_heads = _per_layer("n_heads", self.n_heads, L)
-        self.n_kv_heads = _per_layer("n_kv_heads", self.n_heads if self.n_kv_heads is None else self.n_kv_heads, L)
-        self.ffn_dim = _per_layer("ffn_dim", self.ffn_dim, L)
+        self.n_heads = _per_layer(name("n_heads"), self.n_heads, L)
+        kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        self.n_kv_heads = _per_layer(name("n_kv_heads"), kv_heads, L)
+        self.ffn_dim = _per_layer(name("ffn_dim"), self.ffn_dim, L)
         if self.head_dim is None:
             if len(set(self.n_heads)) != 1 or self.dim % self.n_heads[0]:
-                raise ConfigError("head_dim must be given when heads differ per layer or do not divide dim")
+                raise ConfigError(f"{name('head_dim')} must be given when {name('n_heads')} differs per layer or "
+                                  f"does not divide {name('dim')}")
             self.head_dim = self.dim // self.n_heads[0]
-        for name in ("vocab_size", "dim", "head_dim", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for i, (h, kv, f) in enumerate(zip(self.n_heads, self.n_kv_heads, self.ffn_dim)):
-            if h < 1 or kv < 1 or f < 1:
-                raise ConfigError(f"layer {i}: heads, kv heads and ffn_dim must be positive (got {h}, {kv}, {f})")
+        check_positive_int(name("head_dim"), self.head_dim)
+        for i, (h, kv) in enumerate(zip(self.n_heads, self.n_kv_heads)):
             if h % kv:
-                raise ConfigError(f"layer {i}: n_heads {h} is not a multiple of n_kv_heads {kv}")
+                where = "" if self.uniform else f"layer {i}: "
+                raise ConfigError(f"{where}{name('n_heads')} {h} is not a multiple of {name('n_kv_heads')} {kv}")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise ConfigError("norm_eps and rope_theta must be positive")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}")
-        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
-        self.skip_save = [sorted(int(i) for i in s) for s in self.skip_save]
-        self.skip_blend = [sorted(int(i) for i in s) for s in self.skip_blend]
+            raise ConfigError(f"{name('head_dim')} must be even for RoPE, got {self.head_dim}")
+        for key in ("norm_eps", "rope_theta"):
+            if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
+                raise ConfigError(f"{name(key)} must be a positive number, got {getattr(self, key)!r}")
+        self.rope_theta = float(self.rope_theta)
+        if self.sliding_window is not None:
+            check_positive_int(name("sliding_window"), self.sliding_window)
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling, name("rope_scaling"))
+        self._check_skips(name)
+
+    def _check_skips(self, name):
         if len(self.skip_save) != len(self.skip_blend):
             raise ConfigError("skip_save and skip_blend must have one list per slot (same length)")
+        for kind in ("skip_save", "skip_blend"):
+            slots = getattr(self, kind)
+            for s, layers in enumerate(slots):
+                if not isinstance(layers, (list, tuple)) or not all(_is_int(i) for i in layers):
+                    raise ConfigError(f"{name(f'{kind}[{s}]')} must be a list of layer indices, got {layers!r}")
+                outside = [i for i in layers if not 0 <= i < self.n_layers]
+                if outside:
+                    raise ConfigError(f"{name(f'{kind}[{s}]')}: layer {outside[0]} is outside 0..{self.n_layers - 1}")
+            setattr(self, kind, [sorted(int(i) for i in layers) for layers in slots])
         for s, (saves, blends) in enumerate(zip(self.skip_save, self.skip_blend)):
-            for i in saves + blends:
-                if not 0 <= i < L:
-                    raise ConfigError(f"skip connection slot {s}: layer {i} is outside 0..{L - 1}")
             if blends and (not saves or blends[0] <= saves[0]):
-                raise ConfigError(f"skip connection slot {s}: blend at layer {blends[0]} before any save")
-        self.skip_weights = tuple(float(w) for w in self.skip_weights)
-        if len(self.skip_weights) != 2:
-            raise ConfigError("skip_weights must be (training weight, inference weight)")
+                raise ConfigError(f"{name(f'skip_blend[{s}]')}: blend at layer {blends[0]} before any save "
+                                  f"({name(f'skip_save[{s}]')} {saves})")
+        weights = self.skip_weights
+        if not isinstance(weights, (list, tuple)) or len(weights) != 2 or not all(map(_is_number, weights)):
+            raise ConfigError(f"{name('skip_weights')} must be (training weight, inference weight), got {weights!r}")
+        self.skip_weights = tuple(float(w) for w in weights)
 
     # ----- derived facts -------------------------------------------------------------
 
@@ -146,36 +164,52 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-        return cls(**{**PRESETS[name](), **overrides})
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
 
 
-def _per_layer(name, value, n_layers) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value] * n_layers
-    try:
-        values = [int(v) for v in value]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be an integer or a list of integers, got {value!r}") from None
-    if len(values) != n_layers:
-        raise ConfigError(f"{name} has {len(values)} entries but the model has {n_layers} layers")
-    return values
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_rope_scaling(rs: dict | None) -> dict | None:
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value):
+    """Raise a ConfigError naming `name` unless value is an integer >= 1."""
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _per_layer(name: str, value, n_layers: int) -> list[int]:
+    """One positive integer for every layer, or a list of one per layer."""
+    if not isinstance(value, (list, tuple)):
+        check_positive_int(name, value)
+        return [int(value)] * n_layers
+    if not all(_is_int(v) and v >= 1 for v in value):
+        raise ConfigError(f"{name} must be a positive integer per layer, got {list(value)!r}")
+    if len(value) != n_layers:
+        raise ConfigError(f"{name} has {len(value)} entries but the model has {n_layers} layers")
+    return [int(v) for v in value]
+
+
+def _check_rope_scaling(rs, name: str = "rope_scaling") -> dict | None:
     if not rs:
         return None
+    if not isinstance(rs, dict):
+        raise ConfigError(f"{name} must be a mapping with a rope_type, got {rs!r}")
     rs = dict(rs)
     kind = rs.pop("rope_type", None) or rs.pop("type", None) or "default"
     rs.pop("type", None)
     if kind == "default":
         return None
     if kind not in ROPE_TYPES:
-        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+        raise ConfigError(f"{name}: rope_type {kind!r} is not supported (supported: linear, llama3)")
     required = {"linear": ["factor"],
                 "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}[kind]
     missing = [k for k in required if k not in rs]
     if missing:
-        raise ConfigError(f"rope_scaling type {kind!r} needs {', '.join(missing)}")
+        raise ConfigError(f"{name}: rope_type {kind!r} needs {', '.join(missing)}")
     return {"rope_type": kind, **{k: rs[k] for k in required}}
 
 
@@ -203,71 +237,71 @@ def openelm_layerwise(dim: int, n_layers: int, head_dim: int,
     """
     import numpy as np
 
-    def spread(m):
-        if isinstance(m, (int, float)):
+    def spread(m, name):
+        if _is_number(m):
             return [float(m)] * n_layers
-        m = list(m)
+        if not isinstance(m, (list, tuple)) or len(m) not in (2, n_layers) or not all(map(_is_number, m)):
+            raise ConfigError(f"{name} must be a number, a (min, max) pair or a list of {n_layers} numbers, "
+                              f"got {m!r}")
         if len(m) == n_layers and n_layers != 2:
             return [float(v) for v in m]
-        if len(m) != 2:
-            raise ConfigError(f"multipliers must be a number, a (min, max) pair or a list of {n_layers}")
         return [round(v, 2) for v in np.linspace(m[0], m[1], num=n_layers, dtype=float)]
 
-    q_dims = [make_divisible(dim * a, head_dim * gqa_group) for a in spread(qkv_multipliers)]
+    q_dims = [make_divisible(dim * a, head_dim * gqa_group) for a in spread(qkv_multipliers, "qkv_multipliers")]
     n_heads = [q // head_dim for q in q_dims]
     return {
         "n_heads": n_heads,
         "n_kv_heads": [h // gqa_group for h in n_heads],
-        "ffn_dim": [make_divisible(b * dim, ffn_divisor) for b in spread(ffn_multipliers)],
+        "ffn_dim": [make_divisible(b * dim, ffn_divisor) for b in spread(ffn_multipliers, "ffn_multipliers")],
     }
 
 
 # ----- presets: data, not code ---------------------------------------------------------
+# Each preset is the keyword arguments of a ModelConfig; what a family shares sits in one dict.
 
-def _llama(vocab, dim, layers, heads, kv, ffn, **kw):
-    return dict(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn, **kw)
-
-
-def _openelm(dim, layers, head_dim, **kw):
-    return dict(vocab_size=32000, dim=dim, n_layers=layers, head_dim=head_dim, norm_eps=1e-6, qk_norm=True,
-                tie_embeddings=True, max_seq_len=2048, **openelm_layerwise(dim, layers, head_dim), **kw)
-
-
+TINY = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256)
+LLAMA_3_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                  rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
+OPENELM = dict(vocab_size=32000, norm_eps=1e-6, qk_norm=True, tie_embeddings=True, max_seq_len=2048)
 # Solar Pro's bskcn_1..4 and bskcn_tv (upstage/solar-pro-preview-instruct config.json).
 SOLAR_PRO_SKIPS = dict(skip_save=[[12, 20, 32, 44], [20, 32]], skip_blend=[[16, 24, 36, 48], [28, 40]],
                        skip_weights=(0.9, 0.8))
 
-PRESETS = {
+
+def _layerwise(preset: dict, gqa_group: int = 4, ffn_divisor: int = 256) -> dict:
+    """An OpenELM preset completed with per-layer heads and FFN widths (openelm_layerwise of its
+    dim, n_layers and head_dim, with OpenELM's default multipliers)."""
+    return dict(preset, **openelm_layerwise(preset["dim"], preset["n_layers"], preset["head_dim"],
+                                            gqa_group=gqa_group, ffn_divisor=ffn_divisor))
+
+
+PRESETS: dict[str, dict] = {
     # tiny sizes for tests and demos (seconds on a CPU)
-    "tiny": lambda: _llama(512, 64, 2, 4, 2, 128, max_seq_len=256),
-    "tiny-mistral": lambda: _llama(512, 64, 2, 4, 2, 128, max_seq_len=256, sliding_window=16),
-    "tiny-solar-pro": lambda: _llama(512, 64, 8, 4, 2, 128, max_seq_len=256, sliding_window=64,
-                                     skip_save=[[1, 3], [3]], skip_blend=[[2, 5], [6]]),
-    "tiny-openelm": lambda: dict(vocab_size=512, dim=64, n_layers=4, head_dim=16, norm_eps=1e-6, qk_norm=True,
-                                 tie_embeddings=True, max_seq_len=256,
-                                 **openelm_layerwise(64, 4, 16, gqa_group=2, ffn_divisor=32)),
-    "tiny-exaone": lambda: _llama(512, 64, 2, 4, 2, 128, max_seq_len=256, rope_theta=500000.0,
-                                  norm_eps=1e-5, eos_token_id=3),
+    "tiny": TINY,
+    "tiny-mistral": dict(TINY, sliding_window=16),
+    "tiny-solar-pro": dict(TINY, n_layers=8, sliding_window=64, skip_save=[[1, 3], [3]], skip_blend=[[2, 5], [6]]),
+    "tiny-openelm": _layerwise(dict(OPENELM, vocab_size=512, dim=64, n_layers=4, head_dim=16, max_seq_len=256),
+                               gqa_group=2, ffn_divisor=32),
+    "tiny-exaone": dict(TINY, rope_theta=500000.0, norm_eps=1e-5, eos_token_id=3),
     # ~100M-parameter Llama shape used by benchmarks/
-    "llama-100m": lambda: _llama(32000, 768, 12, 12, 4, 2048, max_seq_len=2048),
+    "llama-100m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
+                       max_seq_len=2048),
     # published shapes
-    "llama-2-7b": lambda: _llama(32000, 4096, 32, 32, 32, 11008),
-    "llama-2-13b": lambda: _llama(32000, 5120, 40, 40, 40, 13824),
-    "llama-3-8b": lambda: _llama(128256, 4096, 32, 32, 8, 14336, rope_theta=500000.0, max_seq_len=8192,
-                                 norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001),
-    "llama-3.1-8b": lambda: _llama(128256, 4096, 32, 32, 8, 14336, rope_theta=500000.0, max_seq_len=131072,
-                                   bos_token_id=128000, eos_token_id=128001,
-                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0,
-                                                 "original_max_position_embeddings": 8192}),
-    "mistral-7b": lambda: _llama(32000, 4096, 32, 32, 8, 14336, max_seq_len=32768, sliding_window=4096),
-    "solar-10.7b": lambda: _llama(32000, 4096, 48, 32, 8, 14336),
-    "solar-pro-22b": lambda: _llama(32128, 5120, 64, 40, 10, 17920, sliding_window=2047, eos_token_id=32007,
-                                    **SOLAR_PRO_SKIPS),
-    "exaone-3.0-7.8b": lambda: _llama(102400, 4096, 32, 32, 8, 14336, rope_theta=500000.0,
-                                      bos_token_id=1, eos_token_id=361, pad_token_id=0),
-    "openelm-270m": lambda: _openelm(1280, 16, 64),
-    "openelm-450m": lambda: _openelm(1536, 20, 64),
-    "openelm-1.1b": lambda: _openelm(2048, 28, 64),
-    "openelm-3b": lambda: _openelm(3072, 36, 128),
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    "llama-2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+    "llama-3-8b": dict(LLAMA_3_8B, max_seq_len=8192),
+    "llama-3.1-8b": dict(LLAMA_3_8B, max_seq_len=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       max_seq_len=32768, sliding_window=4096),
+    "solar-10.7b": dict(vocab_size=32000, dim=4096, n_layers=48, n_heads=32, n_kv_heads=8, ffn_dim=14336),
+    "solar-pro-22b": dict(vocab_size=32128, dim=5120, n_layers=64, n_heads=40, n_kv_heads=10, ffn_dim=17920,
+                          sliding_window=2047, eos_token_id=32007, **SOLAR_PRO_SKIPS),
+    "exaone-3.0-7.8b": dict(vocab_size=102400, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                            rope_theta=500000.0, bos_token_id=1, eos_token_id=361, pad_token_id=0),
+    "openelm-270m": _layerwise(dict(OPENELM, dim=1280, n_layers=16, head_dim=64)),
+    "openelm-450m": _layerwise(dict(OPENELM, dim=1536, n_layers=20, head_dim=64)),
+    "openelm-1.1b": _layerwise(dict(OPENELM, dim=2048, n_layers=28, head_dim=64)),
+    "openelm-3b": _layerwise(dict(OPENELM, dim=3072, n_layers=36, head_dim=128)),
 }

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..config import ModelConfig, openelm_layerwise
+from ..config import ModelConfig, check_positive_int, openelm_layerwise
 from ..errors import ConfigError
 
 # ----- weight tables ---------------------------------------------------------------------
@@ -76,6 +76,17 @@ LLAMA_KEYS = {
     "pad_token_id": "pad_token_id", "init_std": "initializer_range",
 }
 EXAONE_KEYS = {**LLAMA_KEYS, "n_layers": "num_layers", "norm_eps": "layer_norm_epsilon"}
+# Solar Pro's skip connections: two slots, each a list of save layers and a list of blend layers.
+SOLAR_KEYS = {"skip_save[0]": "bskcn_1", "skip_save[1]": "bskcn_2", "skip_blend[0]": "bskcn_3",
+              "skip_blend[1]": "bskcn_4", "skip_weights": "bskcn_tv"}
+# OpenELM: the per-layer lists are computed from multipliers, as its own config class does
+# (the num_query_heads and num_kv_heads it also stores are written, never read).
+OPENELM_KEYS = {
+    "vocab_size": "vocab_size", "dim": "model_dim", "n_layers": "num_transformer_layers", "head_dim": "head_dim",
+    "qk_norm": "normalize_qk_projections", "rope_theta": "rope_freq_constant", "max_seq_len": "max_context_length",
+    "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "init_std": "initializer_range",
+    "n_heads": "qkv_multipliers", "n_kv_heads": "num_gqa_groups", "ffn_dim": "ffn_multipliers",
+}
 # Defaults of each architecture's Python config class, used when config.json omits a key.
 LLAMA_DEFAULTS = {"norm_eps": 1e-6, "tie_embeddings": False, "max_seq_len": 2048, "init_std": 0.02}
 EXAONE_DEFAULTS = {"norm_eps": 1e-6, "tie_embeddings": True, "max_seq_len": 2048, "init_std": 0.02}
@@ -97,6 +108,13 @@ class Format:
     config_in: Callable | None = None                      # replaces the key-table reading
     config_out: Callable | None = None
     act_key: str = "hidden_act"
+    # fields read outside `keys` -> the config.json key they come from (errors name that key)
+    other_keys: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> dict[str, str]:
+        """ModelConfig field -> the key a config.json of this format holds it under."""
+        return {**self.keys, **self.other_keys}
 
 
 def _missing(path, key):
@@ -112,7 +130,16 @@ def _rope_in(hf: dict) -> dict:
         scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
     else:
         theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
-    return {"rope_theta": float(theta), "rope_scaling": scaling}
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def _rope_names(hf: dict) -> dict:
+    """Where _rope_in found rope_theta and rope_scaling, for errors."""
+    params = hf.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    return {"rope_scaling": "rope_parameters",
+            "rope_theta": "rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta"}
 
 
 def _keys_in(fmt: Format, hf: dict, path: str) -> dict:
@@ -153,7 +180,7 @@ def _solar_in(hf: dict, fields: dict):
         return hf[key] if hf.get(key) is not None else default
     fields["skip_save"] = [get("bskcn_1", d["skip_save"][0]), get("bskcn_2", d["skip_save"][1])]
     fields["skip_blend"] = [get("bskcn_3", d["skip_blend"][0]), get("bskcn_4", d["skip_blend"][1])]
-    fields["skip_weights"] = tuple(get("bskcn_tv", d["skip_weights"]))
+    fields["skip_weights"] = get("bskcn_tv", d["skip_weights"])
     fields["sliding_window"] = hf.get("sliding_window", 2047)
 
 
@@ -172,6 +199,10 @@ def _mistral_out(cfg: ModelConfig, out: dict):
 
 
 # OpenELM stores multipliers; its config class recomputes per-layer heads from them on load.
+OPENELM_DEFAULTS = {"norm_eps": 1e-6, "tie_embeddings": True, "qk_norm": False, "rope_theta": 10000.0,
+                    "max_seq_len": 2048, "bos_token_id": 1, "eos_token_id": 2, "init_std": 0.02}
+
+
 def _openelm_in(hf: dict, path: str) -> dict:
     for key in ("model_dim", "num_transformer_layers", "head_dim", "vocab_size"):
         if hf.get(key) is None:
@@ -180,14 +211,18 @@ def _openelm_in(hf: dict, path: str) -> dict:
         raise ConfigError(f"{path}: only OpenELM with GLU feed-forward and RMSNorm is supported")
     if not hf.get("share_input_output_layers", True):
         raise ConfigError(f"{path}: OpenELM without shared input/output embeddings is not supported")
-    d, L, hd = hf["model_dim"], hf["num_transformer_layers"], hf["head_dim"]
-    sizes = openelm_layerwise(d, L, hd, hf.get("qkv_multipliers", (0.5, 1.0)), hf.get("ffn_multipliers", (0.5, 4.0)),
-                              gqa_group=hf.get("num_gqa_groups", 1), ffn_divisor=hf.get("ffn_dim_divisor", 256))
-    return dict(vocab_size=hf["vocab_size"], dim=d, n_layers=L, head_dim=hd, norm_eps=1e-6,
-                qk_norm=bool(hf.get("normalize_qk_projections", False)), tie_embeddings=True,
-                rope_theta=float(hf.get("rope_freq_constant", 10000)), max_seq_len=hf.get("max_context_length", 2048),
-                bos_token_id=hf.get("bos_token_id", 1), eos_token_id=hf.get("eos_token_id", 2),
-                init_std=hf.get("initializer_range", 0.02), **sizes)
+    try:   # the layer-wise scaling needs sound integers before ModelConfig can check them
+        for key in ("model_dim", "num_transformer_layers", "head_dim", "num_gqa_groups", "ffn_dim_divisor"):
+            if key in hf:
+                check_positive_int(key, hf[key])
+        sizes = openelm_layerwise(hf["model_dim"], hf["num_transformer_layers"], hf["head_dim"],
+                                  hf.get("qkv_multipliers", (0.5, 1.0)), hf.get("ffn_multipliers", (0.5, 4.0)),
+                                  gqa_group=hf.get("num_gqa_groups", 1), ffn_divisor=hf.get("ffn_dim_divisor", 256))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    fields = dict(OPENELM_DEFAULTS, **{ours: hf[theirs] for ours, theirs in OPENELM_KEYS.items()
+                                       if ours not in sizes and hf.get(theirs) is not None}, **sizes)
+    return dict(fields, qk_norm=bool(fields["qk_norm"]))
 
 
 def _openelm_out(cfg: ModelConfig) -> dict:
@@ -220,12 +255,13 @@ FORMATS = {f.name: f for f in [
     Format("mistral", "MistralForCausalLM", "mistral", LLAMA_WEIGHTS, LLAMA_KEYS, LLAMA_DEFAULTS,
            frozenset({"head_dim", "rope_scaling", "sliding_window"}), _mistral_in, _mistral_out),
     Format("solar", "SolarForCausalLM", "solar", LLAMA_WEIGHTS, LLAMA_KEYS, LLAMA_DEFAULTS,
-           frozenset({"head_dim", "rope_scaling", "sliding_window", "skips"}), _solar_in, _solar_out),
+           frozenset({"head_dim", "rope_scaling", "sliding_window", "skips"}), _solar_in, _solar_out,
+           other_keys=SOLAR_KEYS),
     Format("exaone", "ExaoneForCausalLM", "exaone", EXAONE_WEIGHTS, EXAONE_KEYS, EXAONE_DEFAULTS,
            frozenset({"rope_scaling"}), act_key="activation_function"),
     Format("openelm", "OpenELMForCausalLM", "openelm", OPENELM_WEIGHTS,
            supports=frozenset({"head_dim", "per_layer", "qk_norm", "tied_only"}),
-           config_in=_openelm_in, config_out=_openelm_out),
+           config_in=_openelm_in, config_out=_openelm_out, other_keys=OPENELM_KEYS),
 ]}
 ARCHITECTURES = {f.architecture: f for f in FORMATS.values()}
 
@@ -243,6 +279,7 @@ def detect_format(hf: dict, path: str) -> Format:
 
 
 def config_from_hf(hf: dict, path: str = "config.json") -> tuple[ModelConfig, Format]:
+    """The ModelConfig of a config.json and its format; errors name `path` and the key as written."""
     fmt = detect_format(hf, path)
     if fmt.config_in is not None:
         fields = fmt.config_in(hf, path)
@@ -251,11 +288,9 @@ def config_from_hf(hf: dict, path: str = "config.json") -> tuple[ModelConfig, Fo
         if fmt.extra_in:
             fmt.extra_in(hf, fields)
     try:
-        return ModelConfig(**fields), fmt
+        return ModelConfig(**fields, names={**fmt.names, **_rope_names(hf)}), fmt
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    except TypeError as e:
-        raise ConfigError(f"{path}: bad value ({e})") from None
 
 
 def refusal(cfg: ModelConfig, fmt: Format) -> str | None:

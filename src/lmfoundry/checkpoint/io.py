@@ -16,7 +16,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -27,11 +27,11 @@ SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "generation_config.json")
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors' dtype names; the first four are what model weights may be stored as
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -85,8 +85,8 @@ def _read_header(file: Path) -> dict:
         if name == "__metadata__":
             continue
         start, stop = info["data_offsets"]
-        nbytes = math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 0)
-        if info["dtype"] in _DTYPE_BYTES and stop - start != nbytes:
+        dtype = ST_DTYPES.get(info["dtype"])
+        if dtype is not None and stop - start != math.prod(info["shape"]) * dtype.itemsize:
             raise CheckpointError(f"{file}: tensor {name} has {stop - start} bytes for shape {info['shape']}")
         end = max(end, stop)
     if 8 + n + end > size:
@@ -140,16 +140,13 @@ class LazyTensors:
     def shape(self, name) -> tuple[int, ...]:
         return tuple(self.info[name]["shape"])
 
-    def nbytes(self, name) -> int:
-        return math.prod(self.shape(name)) * _DTYPE_BYTES.get(self.info[name]["dtype"], 4)
-
     def get(self, name: str) -> torch.Tensor:
         """A tensor that owns its memory, read with plain file reads: a memory map would keep
         every page read resident (and alias the file), which streaming tools cannot afford."""
         file, info = self.file_of[name], self.info[name]
-        if info["dtype"] not in TORCH_DTYPES:
+        if info["dtype"] not in ST_DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-        t = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
+        t = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
         if t.numel():
             with open(file, "rb") as f:
                 f.seek(self._data_start[file] + info["data_offsets"][0])
@@ -163,8 +160,14 @@ class LazyTensors:
         counts: dict[str, int] = {}
         for info in self.info.values():
             counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
-        return TORCH_DTYPES.get(max(counts, key=counts.get), torch.float32)
+        return ST_DTYPES.get(max(counts, key=counts.get), torch.float32)
 
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t, in one pass and without a temporary in the usual case: a NaN or inf
+    anywhere makes the sum non-finite, and only then (or for finite values summing past the
+    dtype's range) is each element looked at."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def parse_size(size) -> int:
@@ -204,9 +207,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
         raise
 
 
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 def safetensors_header(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
@@ -217,10 +218,12 @@ def safetensors_header(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in entries:
-        if dtype not in ST_DTYPES:
+        if dtype not in ST_NAMES:
             raise CheckpointError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        if name in header:
+            raise CheckpointError(f"tensor {name} written twice")
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -233,112 +236,52 @@ def _write_bytes(f, t: torch.Tensor):
         f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def _append(dst, src):
-    """Copy file src (from its start) to the end of file dst, in the kernel where it can."""
-    dst.flush()
-    try:
-        n = os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30)
-    except (AttributeError, OSError):        # nothing copied yet: go through user space
-        shutil.copyfileobj(src, dst, 1 << 24)
-        return
-    while n:
-        n = os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30)
-
-
-def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size=5_000_000_000,
-                      specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
-    """Stream (name, tensor) pairs into shards of at most max_shard_size bytes.
-
-    One shard is written as model.safetensors; several as model-0000k-of-0000n.safetensors
-    with model.safetensors.index.json, as Hugging Face does. Only the tensor in hand is held:
-    with `specs` (name, shape, dtype of every tensor, in the order `tensors` yields them) each
-    shard's header is written first and each tensor's bytes are appended as it arrives; without
-    them each shard's data is spooled to a temporary file and copied behind its header when the
-    shard is complete (one more pass over the bytes on disk, none in memory).
+def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size=5_000_000_000, *,
+                      specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]):
+    """Stream (name, tensor) pairs into shards of at most max_shard_size bytes, holding only the
+    tensor in hand: `specs` (name, shape, dtype of every tensor, in the order `tensors` yields
+    them) lets each shard's header be written first and each tensor's bytes be appended as it
+    arrives. One shard is written as model.safetensors; several as
+    model-0000k-of-0000n.safetensors with model.safetensors.index.json, as Hugging Face does.
     """
     limit = parse_size(max_shard_size)
-    seen: set[str] = set()
-
-    def checked(t, name):
-        if name in seen:
-            raise CheckpointError(f"tensor {name} written twice")
-        seen.add(name)
-        return t.detach().to("cpu").contiguous()
-
-    shards: list[list[str]] = []
-    total = 0
-    if specs is not None:
-        specs = [(n, tuple(s), d) for n, s, d in specs]
-        groups, size = [], 0                     # the same greedy split as the spooling path
-        for spec in specs:
-            nbytes = math.prod(spec[1]) * spec[2].itemsize
-            if not groups or (groups[-1] and size + nbytes > limit):
-                groups.append([])
-                size = 0
-            groups[-1].append(spec)
-            size += nbytes
-        it = iter(tensors)
-        for k, group in enumerate(groups):
-            head, _ = safetensors_header(group)
-            with open(directory / f"shard-{k:05d}.tmp", "wb") as f:
-                f.write(head)
-                for name, shape, dtype in group:
-                    got = next(it, None)
-                    if got is None:
-                        raise CheckpointError(f"tensor {name} was promised but never produced")
-                    t = checked(got[1], got[0])
-                    if got[0] != name or tuple(t.shape) != shape or t.dtype != dtype:
-                        raise CheckpointError(f"expected tensor {name} {list(shape)} {dtype}, got {got[0]} "
-                                              f"{list(t.shape)} {t.dtype}")
-                    _write_bytes(f, t)
-                    total += t.numel() * t.element_size()
-                    del t, got
-            shards.append([n for n, _, _ in group])
-        extra = next(it, None)
-        if extra is not None:
-            raise CheckpointError(f"tensor {extra[0]} was not in the promised list")
-    else:
-        current: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-        current_bytes = 0
-        spool = None
-
-        def flush():
-            nonlocal current, current_bytes, spool
-            if current:
-                spool.close()
-                head, _ = safetensors_header(current)
-                with open(directory / f"shard-{len(shards):05d}.tmp", "wb") as f, open(spool.name, "rb") as data:
-                    f.write(head)
-                    _append(f, data)
-                os.unlink(spool.name)
-                shards.append([n for n, _, _ in current])
-                current, current_bytes, spool = [], 0, None
-
-        for name, t in tensors:
-            t = checked(t, name)
-            nbytes = t.numel() * t.element_size()
-            if current and current_bytes + nbytes > limit:
-                flush()
-            if spool is None:
-                spool = open(directory / f"shard-{len(shards):05d}.data", "wb")
-            safetensors_header([(name, tuple(t.shape), t.dtype)])   # refuses dtypes safetensors lacks
-            _write_bytes(spool, t)
-            current.append((name, tuple(t.shape), t.dtype))
-            current_bytes += nbytes
-            total += nbytes
-            del t
-        flush()
-    if len(shards) <= 1:
-        if not shards:
-            with open(directory / "shard-00000.tmp", "wb") as f:
-                f.write(safetensors_header([])[0])
+    specs = [(n, tuple(s), d) for n, s, d in specs]
+    shards, size = [], 0                          # greedy: a new shard when the next tensor would not fit
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if not shards or (shards[-1] and size + nbytes > limit):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    if not shards:
+        shards.append([])
+    it = iter(tensors)
+    for k, shard in enumerate(shards):
+        with open(directory / f"shard-{k:05d}.tmp", "wb") as f:
+            f.write(safetensors_header(shard)[0])
+            for name, shape, dtype in shard:
+                got = next(it, None)
+                if got is None:
+                    raise CheckpointError(f"tensor {name} was promised but never produced")
+                t = got[1].detach().to("cpu").contiguous()
+                if got[0] != name or tuple(t.shape) != shape or t.dtype != dtype:
+                    raise CheckpointError(f"expected tensor {name} {list(shape)} {dtype}, got {got[0]} "
+                                          f"{list(t.shape)} {t.dtype}")
+                _write_bytes(f, t)
+                del t, got
+    extra = next(it, None)
+    if extra is not None:
+        raise CheckpointError(f"tensor {extra[0]} was not in the promised list")
+    if len(shards) == 1:
         os.replace(directory / "shard-00000.tmp", directory / SINGLE_NAME)
         return
     weight_map = {}
-    for k, names in enumerate(shards):
+    for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         os.replace(directory / f"shard-{k:05d}.tmp", directory / fname)
-        weight_map.update({n: fname for n in names})
+        weight_map.update({name: fname for name, _, _ in shard})
+    total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs)
     with open(directory / INDEX_NAME, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
@@ -378,5 +321,3 @@ def write_json(path: Path, data: dict):
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
-
-TensorSource = Callable[[], torch.Tensor]

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import DataError, TokenizerError
 from ..records import load_records
-from .packing import IGNORE, _Pool, assemble, check_args, fill_row
+from .packing import IGNORE, PiecePool, assemble, check_args, fill_row
 
 log = logging.getLogger("lmfoundry.data")
 
@@ -248,7 +248,7 @@ class SFTBatches(_EpochIterator):
     def _plan(self, epoch: int) -> list:
         if epoch not in self._plans:
             rng = self._rng(epoch)
-            pool = _Pool()
+            pool = PiecePool()
             for seq, i in enumerate(rng.permutation(len(self.examples))):
                 pool.add(seq, (int(i), 0, len(self.examples[i][0])), len(self.examples[i][0]))
             rows = []

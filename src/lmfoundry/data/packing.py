@@ -20,7 +20,7 @@ from .corpus import TokenDataset
 IGNORE = -100
 
 
-class _Pool:
+class PiecePool:
     """Pieces waiting for a row, by length: `take(space)` returns the longest piece of at most
     `space` tokens, the earliest added among equals."""
 
@@ -58,7 +58,7 @@ class _Pool:
         return sorted((x for b in self._buckets.values() for x in b), key=lambda x: x[0])
 
 
-def fill_row(pool: _Pool, seq_len: int, refill=None):
+def fill_row(pool: PiecePool, seq_len: int, refill=None):
     """Take pieces from `pool` into one row of at most `seq_len` tokens (best fit), calling
     `refill()` before each pick so a streaming pool can top itself up; returns the row."""
     row, space = [], seq_len
@@ -219,7 +219,7 @@ class PackedBatches:
         n = len(self.datasets)
         self._cursors = [[0, 0] for _ in range(n)]     # per source: epoch, position in that epoch's order
         self._partial = None                           # [source, doc, next start] of a long document
-        self._pool, self._next_seq = _Pool(), 0
+        self._pool, self._next_seq = PiecePool(), 0
         self._stage, self._stage_drawn, self._stage_source_tokens = 0, 0, [0] * n
         self._flushing = False                         # the stage's budget is drawn; empty the pool
         self._done = False

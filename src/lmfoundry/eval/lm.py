@@ -34,7 +34,7 @@ class LM:
         self.max_length = int(max_length or model.config.max_seq_len)
         self.share_prefix = share_prefix
         self.progress = progress
-        self.name = name or str(getattr(model, "source_dir", "model"))
+        self.name = name or "model"
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
         eos = tokenizer.eos_token_id
         if eos is None:

@@ -31,11 +31,13 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QuickstartError
 from . import synth
+from .report import write_report
+from .stages import STAGES, fmt_seconds
 
 STATE = "quickstart.json"
 VERSION = 1
@@ -95,31 +97,6 @@ PLANS = {
                  max_gen_toks=40),
 }
 
-# (stage, title); "eval:NAME" evaluates the model in DIR/models/NAME
-STAGES = [
-    ("data", "generate the bilingual corpus, SFT and preference data, test sets"),
-    ("tokenizer", "train a byte-level BPE tokenizer; compression EN vs KO"),
-    ("base", "pretrain the base model"),
-    ("eval:base", "evaluate the base model"),
-    ("upscale", "Depth Up-Scaling"),
-    ("eval:upscaled", "evaluate the up-scaled model before any training"),
-    ("continue", "continued pretraining of the up-scaled model"),
-    ("eval:continued", "evaluate the continued model"),
-    ("control", "control: the base model continued for the same FLOPs"),
-    ("eval:control", "evaluate the control"),
-    ("sft-a", "SFT variant A (general-heavy mixture, like SOLAR's SFT v3)"),
-    ("eval:sft-a", "evaluate SFT A"),
-    ("sft-b", "SFT variant B (math-heavy mixture, like SOLAR's SFT v4)"),
-    ("eval:sft-b", "evaluate SFT B"),
-    ("merge", "merge SFT A and B (linear average)"),
-    ("eval:merged", "evaluate the merge"),
-    ("dpo", "DPO on the merge with math preference pairs"),
-    ("eval:dpo", "evaluate the DPO model"),
-    ("final", "write the final checkpoint"),
-    ("report", "write report.md and plots"),
-]
-
-
 def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token (Kaplan et al.): 6 per matmul weight (forward + backward, the LM
     head included, the embedding lookup not) plus 6 * layers * context * dim for attention."""
@@ -127,11 +104,6 @@ def flops_per_token(cfg, seq_len: int) -> float:
     matmul += cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0
     attn = sum(h * cfg.head_dim for h in cfg.n_heads)
     return 6.0 * matmul + 6.0 * seq_len * attn
-
-
-def fmt_seconds(s: float) -> str:
-    s = max(0, int(round(s)))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def peak_rss_mib() -> float:
@@ -358,7 +330,6 @@ class Quickstart:
         return {"files": sorted(f.name for f in dst.iterdir())}
 
     def stage_report(self) -> dict:
-        from .report import write_report
         path = write_report(self.out, self.state, self.plan)
         print(f"wrote {path}")
         return {"report": str(path)}

@@ -12,7 +12,7 @@ import platform
 import time
 from pathlib import Path
 
-from .pipeline import STAGES, fmt_seconds
+from .stages import STAGES, fmt_seconds
 
 EVALS = [("base", "base", "pretrained base"), ("upscaled", "upscaled", "up-scaled, before training"),
          ("continued", "continued", "up-scaled + continued"), ("control", "control", "base continued (control)"),
@@ -136,18 +136,28 @@ def write_plots(out: Path, stages: dict) -> list[str]:
     plots.mkdir(parents=True, exist_ok=True)
     ev = {k.split(":", 1)[1]: v for k, v in stages.items() if k.startswith("eval:")}
     names = []
+    for name, draw in (("training.png", _plot_training), ("dus.png", _plot_dus), ("stages.png", _plot_stages)):
+        fig = draw(plt, stages, ev)
+        fig.tight_layout()
+        fig.savefig(plots / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
 
-    def series(stage, key, x="step"):
-        rows = [r for r in stages[stage]["metrics"] if key in r]
-        return [r[x] for r in rows], [r[key] for r in rows]
 
-    # 1. training curves: thin line = training loss, dots = held-out, one colour per run
+def _series(stages, stage, key, x="step"):
+    rows = [r for r in stages[stage]["metrics"] if key in r]
+    return [r[x] for r in rows], [r[key] for r in rows]
+
+
+def _plot_training(plt, stages, ev):
+    """Training curves: thin line = training loss, dots = held-out, one colour per run."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
 
     def pair(ax, stage, label, color, x="step", scale=1.0):
-        xs, ys = series(stage, "loss", x)
+        xs, ys = _series(stages, stage, "loss", x)
         ax.plot([v * scale for v in xs], ys, lw=1, alpha=0.6, color=color, label=f"{label}, train")
-        xs, ys = series(stage, "eval_loss", x)
+        xs, ys = _series(stages, stage, "eval_loss", x)
         ax.plot([v * scale for v in xs], ys, "o-", ms=3, color=color, label=f"{label}, held-out")
 
     pair(axes[0][0], "base", "base", "black")
@@ -162,8 +172,9 @@ def write_plots(out: Path, stages: dict) -> list[str]:
     pair(ax, "dpo", "DPO loss", "tab:gray")
     ax.set(title="DPO", xlabel="step", ylabel="loss")
     ax2 = ax.twinx()
-    ax2.plot(*series("dpo", "rewards/accuracy"), lw=1, alpha=0.6, color="tab:green", label="reward accuracy, train")
-    ax2.plot(*series("dpo", "eval_rewards/accuracy"), "o-", ms=3, color="tab:green",
+    ax2.plot(*_series(stages, "dpo", "rewards/accuracy"), lw=1, alpha=0.6, color="tab:green",
+             label="reward accuracy, train")
+    ax2.plot(*_series(stages, "dpo", "eval_rewards/accuracy"), "o-", ms=3, color="tab:green",
              label="reward accuracy, held-out")
     ax2.set_ylabel("reward accuracy (implicit reward, chosen > rejected)")
     ax2.set_ylim(0, 1.05)
@@ -171,21 +182,20 @@ def write_plots(out: Path, stages: dict) -> list[str]:
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
     for a in (axes[0][0], axes[0][1], axes[1][0]):
         a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plots / "training.png", dpi=110)
-    plt.close(fig)
-    names.append("training.png")
+    return fig
 
-    # 2. the DUS curve: held-out loss against cumulative training compute
+
+def _plot_dus(plt, stages, ev):
+    """The DUS curve: held-out loss against cumulative training compute."""
     fig, ax = plt.subplots(figsize=(8, 5))
     fpt_base = stages["base"]["flops"] / max(stages["base"]["tokens"], 1)
-    x, y = series("base", "eval_loss", "tokens")
+    x, y = _series(stages, "base", "eval_loss", "tokens")
     ax.plot([t * fpt_base for t in x], y, "o-", ms=3, color="black", label="base pretraining")
     f0 = stages["base"]["flops"]
     for stage, start, color, label in (("continue", "upscaled", "tab:red", "up-scaled + continued"),
                                        ("control", "base", "tab:blue", "base continued (control)")):
         fpt = stages[stage]["flops"] / max(stages[stage]["tokens"], 1)
-        x, y = series(stage, "eval_loss", "tokens")
+        x, y = _series(stages, stage, "eval_loss", "tokens")
         ax.plot([f0] + [f0 + t * fpt for t in x], [ev[start]["heldout_loss"]] + y, "o-", ms=3, color=color,
                 label=label)
     ax.axvline(f0, ls="--", color="gray", lw=1)
@@ -197,12 +207,11 @@ def write_plots(out: Path, stages: dict) -> list[str]:
     lo = min(ev["continued"]["heldout_loss"], ev["control"]["heldout_loss"])
     ax.set_ylim(lo - 0.2, max(ev["upscaled"]["heldout_loss"], ev["base"]["heldout_loss"]) + 0.6)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(plots / "dus.png", dpi=110)
-    plt.close(fig)
-    names.append("dus.png")
+    return fig
 
-    # 3. metrics by stage
+
+def _plot_stages(plt, stages, ev):
+    """Metrics by stage, with one standard error."""
     fig, axes = plt.subplots(1, 4, figsize=(15, 4))
     keys = [k for k, _, _ in EVALS if k in ev]
     labels = [lab for k, lab, _ in EVALS if k in ev]
@@ -220,11 +229,7 @@ def write_plots(out: Path, stages: dict) -> list[str]:
         ax.set_title(title, fontsize=10)
         if key == "mc_acc":
             ax.axhline(0.25, ls=":", color="gray", lw=1)
-    fig.tight_layout()
-    fig.savefig(plots / "stages.png", dpi=110)
-    plt.close(fig)
-    names.append("stages.png")
-    return names
+    return fig
 
 
 # ---------------------------------------------------------------- report.md
@@ -239,14 +244,25 @@ def _md(text: str) -> str:
 
 
 def write_report(out, state: dict, plan) -> Path:
-    import torch
     out = Path(out)
     stages = state["stages"]
     ev = {k.split(":", 1)[1]: v for k, v in stages.items() if k.startswith("eval:")}
     plots = write_plots(out, stages)
+    L = (_intro(state, plan) + _recipe(stages, plan) + _data(stages) + _tokenizer(stages, plan)
+         + _evaluation(ev, plan, plots) + _curves(stages, plots) + _claims(stages, plan) + _use_it(ev, out))
+    path = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(L), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _intro(state: dict, plan) -> list[str]:
+    """Title, what ran where and how long, and how to read it."""
+    import torch
+    stages = state["stages"]
     total = sum(s.get("seconds", 0.0) for s in stages.values())
     rss = max(s.get("peak_rss_mib", 0.0) for s in stages.values())
-    base_cfg, big_layers = stages["base"], stages["continue"]["layers"]
     cmd = "lmfoundry quickstart" + (" --fast" if plan.name == "fast" else "")
     L = []
     L.append("# lmfoundry quickstart: the SOLAR recipe at toy scale\n")
@@ -260,7 +276,13 @@ def write_report(out, state: dict, plan) -> Path:
     if plan.name == "fast":
         L.append("> This is the `--fast` plan: a smoke test of the pipeline with too little training for the "
                  "claims below to be meaningful. Run `lmfoundry quickstart` without `--fast` for the real thing.\n")
+    return L
 
+
+def _recipe(stages: dict, plan) -> list[str]:
+    """The stages as run, and the model."""
+    base_cfg, big_layers = stages["base"], stages["continue"]["layers"]
+    L = []
     L.append("## The recipe\n")
     rows = []
     for name, title in STAGES:
@@ -280,7 +302,12 @@ def write_report(out, state: dict, plan) -> Path:
              f"parameters (SOLAR: n = 32, m = 8 → 48 layers). The control continues the base for "
              f"{stages['control']['steps']} steps against the up-scaled model's {stages['continue']['steps']}, "
              "so both spend the same training FLOPs (6 per weight per token plus attention).\n")
+    return L
 
+
+def _data(stages: dict) -> list[str]:
+    """The generated data files."""
+    L = []
     L.append("## Data\n")
     files = stages["data"]["files"]
     L.append(_table(["file", "records", "what"], [[f"`{k}`", f"{v['records']:,}", _md(v["description"])]
@@ -290,7 +317,12 @@ def write_report(out, state: dict, plan) -> Path:
              "held-out documents share no question or document with anything trained on. The multiple-choice "
              "questions ask about the world facts the corpus states (the knowledge under test), so those facts, "
              "and quiz-style questions about them, do appear in training.\n")
+    return L
 
+
+def _tokenizer(stages: dict, plan) -> list[str]:
+    """Compression, English vs Korean."""
+    L = []
     L.append("## Tokenizer: compression, English vs Korean\n")
     comp = stages["tokenizer"]["compression"]
     L.append(_table(["tokenizer", "language", "words", "tokens", "tokens/word", "chars/token"],
@@ -302,7 +334,12 @@ def write_report(out, state: dict, plan) -> Path:
              f"the held-out documents: a tokenizer that never saw Korean spends {ko_en:.2f} tokens per Korean word, "
              f"the bilingual one {ko:.2f} ({ko_en / ko:.1f}× fewer), which is why a model meant for Korean "
              "needs Korean in its vocabulary.\n")
+    return L
 
+
+def _evaluation(ev: dict, plan, plots: list) -> list[str]:
+    """Every model's evaluation."""
+    L = []
     L.append("## Evaluation after every stage\n")
     rows = []
     for key, label, what in EVALS:
@@ -325,7 +362,12 @@ def write_report(out, state: dict, plan) -> Path:
              "± is one standard error (Agresti-Coull: sqrt(p~(1-p~)/(n+4)), p~ = (x+2)/(n+4)).\n")
     if "stages.png" in plots:
         L.append("![metrics by stage](plots/stages.png)\n")
+    return L
 
+
+def _curves(stages: dict, plots: list) -> list[str]:
+    """The DUS curve and the training curves."""
+    L = []
     L.append("## Depth Up-Scaling\n")
     if "dus.png" in plots:
         L.append("![DUS curve](plots/dus.png)\n")
@@ -344,7 +386,12 @@ def write_report(out, state: dict, plan) -> Path:
              + "\n")
     if not plots:
         L.append("(Plots skipped: matplotlib is not installed; `pip install 'lmfoundry[plots]'`.)\n")
+    return L
 
+
+def _claims(stages: dict, plan) -> list[str]:
+    """The SOLAR paper's claims, checked."""
+    L = []
     L.append("## The SOLAR paper's claims at this scale\n")
     for c in claims(stages, plan):
         L.append(f"- **{c['claim']}** — *{c['verdict']}*. {c['measured']}.")
@@ -352,7 +399,12 @@ def write_report(out, state: dict, plan) -> Path:
              "directly (one seed, so small loss gaps may not survive another seed). What this run cannot show: "
              "anything about scale (SOLAR's gains are at 10.7B parameters and trillions of tokens), about real "
              "benchmarks (the tasks here only share their formats and metrics), or about variance across seeds.\n")
+    return L
 
+
+def _use_it(ev: dict, out: Path) -> list[str]:
+    """The final model's answers and how to use it."""
+    L = []
     L.append("## What the final model says\n")
     rows = [[_md(s["prompt"]), _md(s["output"]), _md(s["reference"])] for s in ev["dpo"]["chat_samples"]]
     L.append(_table(["prompt (held out)", "final model (greedy)", "reference"], rows) + "\n")
@@ -371,8 +423,4 @@ def write_report(out, state: dict, plan) -> Path:
              "```\n")
     L.append(f"Every model of the run is in `{out / 'models'}` (Hugging Face directories with `metrics.jsonl`), "
              f"every evaluation in `{out / 'quickstart.json'}`.\n")
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(L), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return L

@@ -61,45 +61,47 @@ measures it; `--dry-run` prints it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-import sys
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import yaml
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import Checkpoint, write_checkpoint
 from ..checkpoint.formats import Format, config_to_hf, weight_plan
-from ..checkpoint.io import (LazyTensors, atomic_dir, copy_tokenizer_files, dtype_name, parse_dtype,
-                             read_yaml_mapping, write_json, write_safetensors)
+from ..checkpoint.io import all_finite, dtype_name, parse_dtype, read_yaml_mapping
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 
 REQUIRED = object()
 RECIPE_FILE = "mergekit_config.yml"
-_ST = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-# ----- per-tensor methods: fn(base, xs, ws, p, g) -> tensor; they may modify their inputs ---------
+# ----- per-tensor methods ---------------------------------------------------------------------------
+# fn(base, inputs, model_params, shared_params, generator) -> the output tensor, where `base` is the
+# base model's tensor (None for methods whose base is just one more input), `inputs` the other
+# inputs' tensors (a method may modify them in place), `model_params` each input's own parameters
+# (weight, density, ...), `shared_params` the merge's (normalize, lambda, t, ...) and `generator`
+# a random generator seeded for this output tensor.
 
 
-def linear(base, xs, ws, p, g):
-    w = [m["weight"] for m in ws]
-    out = xs[0].mul_(w[0])
-    for x, wi in zip(xs[1:], w[1:]):
-        out.add_(x, alpha=wi)
-    if p["normalize"]:
-        if sum(w) == 0:
+def linear(base, inputs, model_params, shared_params, generator):
+    weights = [p["weight"] for p in model_params]
+    out = inputs[0].mul_(weights[0])
+    for x, w in zip(inputs[1:], weights[1:]):
+        out.add_(x, alpha=w)
+    if shared_params["normalize"]:
+        if sum(weights) == 0:
             raise ConfigError("linear: the weights sum to 0; set normalize: false")
-        out.div_(sum(w))
+        out.div_(sum(weights))
     return out
 
 
-def slerp(base, xs, ws, p, g):
-    t, a, b = p["t"], base, xs[0]
+def slerp(base, inputs, model_params, shared_params, generator):
+    t, a, b = shared_params["t"], base, inputs[0]
     na, nb = float(a.norm()), float(b.norm())
     dot = float(torch.dot(a.reshape(-1), b.reshape(-1))) / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))
     dot = max(-1.0, min(1.0, dot))
@@ -109,112 +111,130 @@ def slerp(base, xs, ws, p, g):
     return a.mul_(math.sin((1 - t) * theta) / math.sin(theta)).add_(b, alpha=math.sin(t * theta) / math.sin(theta))
 
 
-def _kth(d: torch.Tensor, ranks: list) -> list:
-    """The ranks-th (1-based) smallest |d|, by an in-place partial sort of one copy (no indices)."""
-    a = d.abs().reshape(-1).numpy()
+def _kth(delta: torch.Tensor, ranks: list) -> list:
+    """The ranks-th (1-based) smallest |delta|, by an in-place partial sort of one copy (no indices)."""
+    a = delta.abs().reshape(-1).numpy()
     a.partition([r - 1 for r in ranks])
     return [float(a[r - 1]) for r in ranks]
 
 
-def _small(d, below):                      # |d| < below, with boolean temporaries only
-    return (d < below) & (d > -below)
+def _small(delta, below):                  # |delta| < below, with boolean temporaries only
+    return (delta < below) & (delta > -below)
+
+# Sparsifiers of the task-arithmetic family: fn(delta, density, gamma, generator, threshold) -> delta
+# with entries zeroed in place; `threshold` is paper TIES's whole-model one (None: per tensor).
 
 
-def magnitude(d, m, g, tau=None):
-    """TIES trim: keep the k largest |d| (with a whole-model threshold tau: |d| >= tau)."""
-    if tau is None:
-        if m["density"] >= 1:
-            return d
-        if m["density"] <= 0 or d.numel() == 0:
-            return d.zero_()
-        (tau,) = _kth(d, [d.numel() - max(1, int(m["density"] * d.numel())) + 1])
-    return d.masked_fill_(_small(d, tau), 0)
+def magnitude(delta, density, gamma, generator, threshold=None):
+    """TIES trim: keep the k largest |delta| (with a whole-model threshold: |delta| >= threshold)."""
+    if threshold is None:
+        if density >= 1:
+            return delta
+        if density <= 0 or delta.numel() == 0:
+            return delta.zero_()
+        (threshold,) = _kth(delta, [delta.numel() - max(1, int(density * delta.numel())) + 1])
+    return delta.masked_fill_(_small(delta, threshold), 0)
 
 
-def dare(d, m, g, tau=None):
-    if m["density"] >= 1:
-        return d
-    return d.masked_fill_(torch.rand(d.shape, generator=g, dtype=d.dtype) >= m["density"], 0)
+def dare(delta, density, gamma, generator, threshold=None):
+    """DARE: drop each entry with probability 1 - density."""
+    if density >= 1:
+        return delta
+    return delta.masked_fill_(torch.rand(delta.shape, generator=generator, dtype=delta.dtype) >= density, 0)
 
 
-def outliers(d, m, g, tau=None):
-    """Breadcrumbs: drop the gamma largest and the smallest |d|, keeping a density fraction."""
-    if m["density"] >= 1:
-        return d
-    n = d.numel()
-    keep = int(m["density"] * n)
+def outliers(delta, density, gamma, generator, threshold=None):
+    """Breadcrumbs: drop the gamma largest and the smallest |delta|, keeping a density fraction."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
     if keep == 0:
-        return d.zero_()
-    bottom = max(0, n - keep - int(m["gamma"] * n))
-    lo, hi = _kth(d, [bottom + 1, bottom + keep])
-    return d.masked_fill_(_small(d, lo) | (d > hi) | (d < -hi), 0)
+        return delta.zero_()
+    bottom = max(0, n - keep - int(gamma * n))
+    lo, hi = _kth(delta, [bottom + 1, bottom + keep])
+    return delta.masked_fill_(_small(delta, lo) | (delta > hi) | (delta < -hi), 0)
 
 
-def _l1(d) -> float:
-    return float(torch.linalg.vector_norm(d, 1))
+def _l1(delta) -> float:
+    return float(torch.linalg.vector_norm(delta, 1))
 
 
-def _add_nonzero(acc, d, w, chunk=1 << 20):
-    """acc += w * (d != 0), a chunk at a time (torch would materialise the bool as floats)."""
-    for i in range(0, d.numel(), chunk):
-        acc.view(-1)[i:i + chunk].add_(d.view(-1)[i:i + chunk] != 0, alpha=w)
+def _add_nonzero(acc, delta, w, chunk=1 << 20):
+    """acc += w * (delta != 0), a chunk at a time (torch would materialise the bool as floats)."""
+    for i in range(0, delta.numel(), chunk):
+        acc.view(-1)[i:i + chunk].add_(delta.view(-1)[i:i + chunk] != 0, alpha=w)
 
 
-def task_arithmetic(base, xs, ws, p, g, sparsify=None, consensus=False, taus=None):
-    paper, deltas = p["paper"], []
-    for x, m, tau in zip(xs, ws, taus or [None] * len(xs)):
-        d = x.sub_(base)
+def task_arithmetic(base, inputs, model_params, shared_params, generator, sparsify=None, consensus=False,
+                    thresholds=None):
+    """base + lambda * the weighted deltas, sparsified first by `sparsify`, with TIES's sign
+    election where `consensus`; `thresholds`: per input, paper TIES's whole-model trim threshold."""
+    paper, rescale = shared_params["paper"], shared_params["rescale"]
+    deltas = []
+    for x, p, threshold in zip(inputs, model_params, thresholds or [None] * len(inputs)):
+        delta = x.sub_(base)
         if sparsify is not None:
-            before = _l1(d) if p["rescale"] and not paper else 0.0
-            d = sparsify(d, m, g, tau)
-            if p["rescale"] and 0 < m["density"] < 1:
+            l1_before = _l1(delta) if rescale and not paper else 0.0
+            delta = sparsify(delta, p["density"], p.get("gamma"), generator, threshold)
+            if rescale and 0 < p["density"] < 1:
                 if paper:
-                    d.div_(m["density"])                  # DARE: 1 / p
-                elif before >= 1e-7 and (after := _l1(d)) >= 1e-7:
-                    d.mul_(before / after)                # mergekit: match the L1 norm
-        deltas.append(d)
-    weights = [m["weight"] for m in ws]
-    mixed = torch.zeros_like(base)
-    if not consensus:
-        for w, d in zip(weights, deltas):
-            mixed.add_(d, alpha=w)
-        if p["normalize"] and abs(sum(weights)) >= 1e-8:
+                    delta.div_(p["density"])              # DARE: 1 / p
+                elif l1_before >= 1e-7 and (l1_after := _l1(delta)) >= 1e-7:
+                    delta.mul_(l1_before / l1_after)      # mergekit: match the L1 norm
+        deltas.append(delta)
+    weights = [p["weight"] for p in model_params]
+    if consensus:
+        mixed = _disjoint_merge(base, deltas, weights, paper, divide=paper or shared_params["normalize"])
+    else:
+        mixed = torch.zeros_like(base)
+        for w, delta in zip(weights, deltas):
+            mixed.add_(delta, alpha=w)
+        if shared_params["normalize"] and abs(sum(weights)) >= 1e-8:
             mixed.div_(sum(weights))
-        return base.add_(mixed, alpha=p["lambda"])
-    for w, d in zip(weights, deltas):                     # the vote; the paper's on unweighted deltas
-        mixed.add_(d, alpha=1.0 if paper else w)
+    return base.add_(mixed, alpha=shared_params["lambda"])
+
+
+def _disjoint_merge(base, deltas, weights, paper: bool, divide: bool):
+    """TIES: elect a sign per entry (from the weighted deltas; the paper's from the unweighted ones),
+    sum the weighted deltas that agree with it and, with `divide`, divide by the agreeing weight
+    (the paper: by the agreeing count)."""
+    mixed = torch.zeros_like(base)
+    for w, delta in zip(weights, deltas):
+        mixed.add_(delta, alpha=1.0 if paper else w)
     positive = mixed >= 0                                 # a zero sum elects +
-    divisor = torch.zeros_like(base) if paper or p["normalize"] else None
+    divisor = torch.zeros_like(base) if divide else None
     mixed.zero_()
-    for w, d in zip(weights, deltas):
+    for w, delta in zip(weights, deltas):
         if w == 0 and not paper:
             continue                                      # sign(0 * d) = 0 agrees with nothing
-        up, down = (d < 0, d > 0) if w < 0 and not paper else (d > 0, d < 0)   # sign(w d) is + / -
-        d.masked_fill_(~torch.where(positive, up, down), 0)
+        up, down = (delta < 0, delta > 0) if w < 0 and not paper else (delta > 0, delta < 0)   # sign(w d): + / -
+        delta.masked_fill_(~torch.where(positive, up, down), 0)
         del up, down
-        mixed.add_(d, alpha=w)
+        mixed.add_(delta, alpha=w)
         if divisor is not None:
-            _add_nonzero(divisor, d, 1.0 if paper else w)
+            _add_nonzero(divisor, delta, 1.0 if paper else w)
     if divisor is not None:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
-    return base.add_(mixed, alpha=p["lambda"])
+    return mixed
 
 
-def model_stock(base, xs, ws, p, g):
-    rows = (lambda t: t.reshape(-1, t.shape[-1])) if p["filter_wise"] else (lambda t: t.reshape(1, -1))
-    offsets = [rows(x.sub_(base)) for x in xs]
+def model_stock(base, inputs, model_params, shared_params, generator):
+    rows = (lambda t: t.reshape(-1, t.shape[-1])) if shared_params["filter_wise"] else (lambda t: t.reshape(1, -1))
+    offsets = [rows(x.sub_(base)) for x in inputs]
     norms = [o.norm(dim=-1) for o in offsets]
     cos = [((offsets[i] * offsets[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-           for i in range(len(xs)) for j in range(i + 1, len(xs))]
-    c, n = torch.stack(cos).mean(0), len(xs)
+           for i in range(len(inputs)) for j in range(i + 1, len(inputs))]
+    c, n = torch.stack(cos).mean(0), len(inputs)
     den = 1 + (n - 1) * c
     t = torch.where(den.abs() < 1e-6, 0.0, n * c / torch.where(den.abs() < 1e-6, 1.0, den)).unsqueeze(-1)
     mean = sum(offsets[1:], offsets[0].clone()).div_(n)
     return rows(base).add_(mean.mul_(t)).reshape(base.shape)
 
 
-def passthrough(base, xs, ws, p, g):
-    return xs[0] if ws[0]["scale"] is None else xs[0].mul_(ws[0]["scale"])
+def passthrough(base, inputs, model_params, shared_params, generator):
+    scale = model_params[0]["scale"]
+    return inputs[0] if scale is None else inputs[0].mul_(scale)
 
 
 @dataclass(frozen=True)
@@ -226,25 +246,31 @@ class Method:
     shared_params: dict            # name -> (type, default); slice/global level only
 
 
-def _gta(fn_kw, normalize, rescale, extra=None):
-    return Method(partial(task_arithmetic, **fn_kw), "required", (1, None),
-                  {"weight": (float, REQUIRED), "density": (float, 1.0), **(extra or {})},
+def _task_arithmetic_family(normalize: bool, rescale: bool, sparsify=None, consensus=False,
+                            model_params=None) -> Method:
+    return Method(functools.partial(task_arithmetic, sparsify=sparsify, consensus=consensus), "required", (1, None),
+                  {"weight": (float, REQUIRED), "density": (float, 1.0), **(model_params or {})},
                   {"normalize": (bool, normalize), "rescale": (bool, rescale), "lambda": (float, 1.0),
                    "int8_mask": (bool, False), "paper": (bool, False)})
 
 
-_CRUMBS = {"gamma": (float, 0.01)}
+BREADCRUMBS_GAMMA = {"gamma": (float, 0.01)}
 METHODS = {
-    "linear": Method(linear, "input", (1, None), {"weight": (float, REQUIRED)}, {"normalize": (bool, True)}),
-    "slerp": Method(slerp, "required", (2, 2), {}, {"t": (float, REQUIRED)}),
-    "task_arithmetic": _gta({}, False, False),
-    "ties": _gta({"sparsify": magnitude, "consensus": True}, True, False),
-    "dare_ties": _gta({"sparsify": dare, "consensus": True}, False, True),
-    "dare_linear": _gta({"sparsify": dare}, False, True),
-    "breadcrumbs": _gta({"sparsify": outliers}, False, False, _CRUMBS),
-    "breadcrumbs_ties": _gta({"sparsify": outliers, "consensus": True}, False, False, _CRUMBS),
-    "model_stock": Method(model_stock, "required", (3, None), {}, {"filter_wise": (bool, False)}),
-    "passthrough": Method(passthrough, "input", (1, 1), {"scale": (float, None)}, {}),
+    "linear": Method(linear, base="input", inputs=(1, None), model_params={"weight": (float, REQUIRED)},
+                     shared_params={"normalize": (bool, True)}),
+    "slerp": Method(slerp, base="required", inputs=(2, 2), model_params={}, shared_params={"t": (float, REQUIRED)}),
+    "task_arithmetic": _task_arithmetic_family(normalize=False, rescale=False),
+    "ties": _task_arithmetic_family(normalize=True, rescale=False, sparsify=magnitude, consensus=True),
+    "dare_ties": _task_arithmetic_family(normalize=False, rescale=True, sparsify=dare, consensus=True),
+    "dare_linear": _task_arithmetic_family(normalize=False, rescale=True, sparsify=dare),
+    "breadcrumbs": _task_arithmetic_family(normalize=False, rescale=False, sparsify=outliers,
+                                           model_params=BREADCRUMBS_GAMMA),
+    "breadcrumbs_ties": _task_arithmetic_family(normalize=False, rescale=False, sparsify=outliers, consensus=True,
+                                                model_params=BREADCRUMBS_GAMMA),
+    "model_stock": Method(model_stock, base="required", inputs=(3, None), model_params={},
+                          shared_params={"filter_wise": (bool, False)}),
+    "passthrough": Method(passthrough, base="input", inputs=(1, 1), model_params={"scale": (float, None)},
+                          shared_params={}),
 }
 
 # ----- recipe values: filters, gradients, precedence -------------------------------------------
@@ -274,10 +300,15 @@ def evaluate(value, name: str, t: float):
 
 
 def _resolve(spec: dict, levels: list, name: str, t: float, where: str) -> dict:
+    """Each parameter of `spec` for tensor `name` (its checkpoint name), from the first level that
+    sets it (model > slice > global), else its default."""
     out = {}
     for key, (kind, default) in spec.items():
-        value = next((v for lv in levels if lv and key in lv for v in [evaluate(lv[key], name, t)] if v is not None),
-                     default)
+        try:
+            value = next((v for lv in levels if lv and key in lv for v in [evaluate(lv[key], name, t)]
+                          if v is not None), default)
+        except ConfigError as e:
+            raise ConfigError(f"parameter {key!r} for {where}: {e}") from None
         if value is REQUIRED:
             raise ConfigError(f"missing required parameter {key!r} for {where} (tensor {name})")
         if value is not None and (isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float))):
@@ -288,57 +319,54 @@ def _resolve(spec: dict, levels: list, name: str, t: float, where: str) -> dict:
             raise ConfigError(f"parameter {key!r} for {where} (tensor {name}) must be in [0, 1], got {out[key]}")
     return out
 
-# ----- inputs -----------------------------------------------------------------------------------
+# ----- inputs and the plan ------------------------------------------------------------------------
 
 
-class _Model:
-    """One merge input: its config, format, HF names and tensors (read by LazyTensors)."""
+class _Model(Checkpoint):
+    """One merge input: a checkpoint opened for reading, and the token of each embedding row."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.cfg, self.fmt, _ = read_checkpoint(path)       # validates names, shapes and config
-        self.lazy, self.shapes = LazyTensors(path), self.cfg.shapes()
-        self.parts, self.hf = {}, {}                        # canonical -> (stored name, index, split sizes)
-        for theirs, ours in weight_plan(self.cfg, self.fmt).items():
-            for k, part in enumerate(ours):
-                self.parts[part], self.hf[part] = (theirs, k, [self.shapes[o][0] for o in ours]), theirs
-        self._vocab = None
+        super().__init__(path)                    # validates config, tensor names and shapes
+        self._row_keys = None
 
     def __repr__(self):
         return str(self.path)
 
-    def read(self, name: str) -> torch.Tensor:
-        theirs, k, sizes = self.parts[name]
-        if self.lazy.info[theirs]["dtype"] not in _ST:
-            raise CheckpointError(f"{self.lazy.file_of[theirs]}: tensor {theirs} has dtype "
-                                  f"{self.lazy.info[theirs]['dtype']}; merging needs floats")
-        t = self.lazy.get(theirs)
-        if len(sizes) > 1:
-            t = t.split(sizes)[k].clone()
-        if not _finite(t):
-            raise CheckpointError(f"{self.path}: tensor {theirs} contains NaN or inf values")
-        return t
-
     def row_keys(self) -> list | None:
         """One key per embedding row: its token, or ("row", i) where no token names the row;
         None without a tokenizer.json."""
-        if self._vocab is None and (self.path / "tokenizer.json").is_file():
+        if self._row_keys is None and (self.path / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
             ids = {i: tok for tok, i in
                    Tokenizer.from_file(str(self.path / "tokenizer.json")).get_vocab(with_added_tokens=True).items()}
-            self._vocab = [ids.get(r, ("row", r)) for r in range(self.cfg.vocab_size)]
-        return self._vocab
+            self._row_keys = [ids.get(r, ("row", r)) for r in range(self.config.vocab_size)]
+        return self._row_keys
+
+
+class _Source(NamedTuple):
+    model: _Model
+    first_layer: int
+    params: dict                   # its model-level parameters
+
+
+class _Slice(NamedTuple):
+    sources: list                  # [_Source]
+    n_layers: int
+    base: _Model | None
+    params: dict                   # slice-level parameters
 
 
 @dataclass
 class _Job:
-    """One output tensor: inputs (model, canonical name), where the base is, resolved parameters."""
-    name: str
+    """One output tensor: its inputs (model, canonical name), where the base is among them, and
+    the parameters resolved for it."""
+    name: str                      # canonical
+    stored: str                    # the output checkpoint's name (filters and errors use it)
     shape: tuple
     inputs: list
     base: int | None
     model_params: list
-    params: dict
+    shared_params: dict
     vocab: list | None = None      # per input: target row -> its row (-1: missing), or None
 
 
@@ -361,7 +389,7 @@ class MergePlan:
 
     @property
     def read_bytes(self) -> int:
-        return self.passes * sum(math.prod(m.shapes[n]) * m.lazy.dtype.itemsize
+        return self.passes * sum(math.prod(m.shapes[n]) * m.dtype.itemsize
                                  for j in self.jobs.values() for m, n in j.inputs)
 
     @property
@@ -371,7 +399,7 @@ class MergePlan:
     @property
     def peak_bytes(self) -> int:
         """The bound of the module docstring, above the interpreter with torch loaded."""
-        largest = max(max(math.prod(j.shape), *(math.prod(m.lazy.shape(m.parts[n][0])) for m, n in j.inputs))
+        largest = max(max(math.prod(j.shape), *(math.prod(m.stored_shape(n)) for m, n in j.inputs))
                       for j in self.jobs.values())
         return (max(len(j.inputs) for j in self.jobs.values()) + 5) * largest * 4 + (128 << 20)
 
@@ -388,16 +416,11 @@ class MergePlan:
                 ("tokenizer", self.tokenizer_from)] + [("note", n) for n in self.notes]
         return "\n".join(f"{k:<13} {v}" for k, v in rows)
 
-# ----- planning -----------------------------------------------------------------------------------
+# ----- reading the recipe -------------------------------------------------------------------------
 
 
-def _load_recipe(recipe) -> tuple[dict, str, Path | None]:
-    if isinstance(recipe, dict):
-        return recipe, yaml.safe_dump(recipe, sort_keys=False), None
-    path = Path(recipe)
-    data, text = read_yaml_mapping(path, ConfigError, "a recipe (a YAML mapping with merge_method and models or "
-                                                      "slices)")
-    return data, text, path
+TOP_LEVEL_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "tokenizer", "chat_template", "modules")
 
 
 def _keys(d, allowed, where):
@@ -409,184 +432,244 @@ def _keys(d, allowed, where):
     return d
 
 
-def plan_merge(recipe, seed: int = 0) -> MergePlan:
-    """Check a recipe (dict or YAML path) against every input's config and headers and resolve
-    every tensor's parameters; no tensor is read."""
-    r, text, rpath = _load_recipe(recipe)
-    src = str(rpath or "recipe")
-    _keys(r, ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-              "tokenizer_source", "tokenizer", "chat_template", "modules"), src)
-    name = r.get("merge_method")
-    if name not in METHODS:
-        raise ConfigError(f"{src}: unknown merge_method {name!r} (supported: {', '.join(METHODS)})")
-    method = METHODS[name]
-    if "modules" in r:
-        raise ConfigError(f"{src}: modules: (multi-module models) is not supported; use models: or slices:")
-    if ("models" in r) == ("slices" in r):
-        raise ConfigError(f"{src}: give exactly one of models: or slices:")
-    if r.get("chat_template") not in (None, "auto"):
-        raise ConfigError(f"{src}: chat_template {r['chat_template']!r} is not supported; the tokenizer source's "
-                          "template is copied (chat_template: auto)")
-    tok = r.get("tokenizer_source")
-    if r.get("tokenizer") is not None:
-        _keys(r["tokenizer"], ("source",), f"{src}: tokenizer (tokens and pad_to_multiple_of are not supported)")
-        if tok is not None:
-            raise ConfigError(f"{src}: give tokenizer_source or tokenizer, not both")
-        tok = r["tokenizer"].get("source", "union")
-    if tok == "union":
-        raise ConfigError(f"{src}: tokenizer_source: union is not supported; use base or a model path "
-                          "(embedding rows are then matched by token)")
-    try:
-        dtype, out_dtype = parse_dtype(r.get("dtype")), parse_dtype(r.get("out_dtype"))
-    except CheckpointError as e:
-        raise ConfigError(f"{src}: {e}") from None
-    models: dict[str, _Model] = {}
+class _Recipe:
+    """A recipe (dict or YAML path) read and checked, key by key; every error names the recipe
+    file and the key as written. Opening the models reads their configs and headers only."""
 
-    def model(ref):
+    def __init__(self, recipe):
+        if isinstance(recipe, dict):
+            self.data, self.text, self.path = recipe, yaml.safe_dump(recipe, sort_keys=False), None
+        else:
+            self.path = Path(recipe)
+            self.data, self.text = read_yaml_mapping(self.path, ConfigError, "a recipe (a YAML mapping with "
+                                                                             "merge_method and models or slices)")
+        self.src = str(self.path or "recipe")
+        r, src = self.data, self.src
+        _keys(r, TOP_LEVEL_KEYS, src)
+        self.method_name = r.get("merge_method")
+        if self.method_name not in METHODS:
+            raise ConfigError(f"{src}: unknown merge_method {self.method_name!r} (supported: {', '.join(METHODS)})")
+        self.method = METHODS[self.method_name]
+        if "modules" in r:
+            raise ConfigError(f"{src}: modules: (multi-module models) is not supported; use models: or slices:")
+        if ("models" in r) == ("slices" in r):
+            raise ConfigError(f"{src}: give exactly one of models: or slices:")
+        if r.get("chat_template") not in (None, "auto"):
+            raise ConfigError(f"{src}: chat_template {r['chat_template']!r} is not supported; the tokenizer "
+                              "source's template is copied (chat_template: auto)")
+        self.dtype, self.out_dtype = self._dtype("dtype"), self._dtype("out_dtype")
+        self.models: dict[str, _Model] = {}
+        self.base = self.model(r["base_model"], "base_model") if r.get("base_model") is not None else None
+        self.params = self.parameters(r.get("parameters"), "global")
+        tok = self._tokenizer_source()
+        self.tokenizer = tok if tok in (None, "base") else self.model(tok, "tokenizer_source")
+
+    def _dtype(self, key):
+        try:
+            return parse_dtype(self.data.get(key))
+        except CheckpointError as e:
+            raise ConfigError(f"{self.src}: {key}: {e}") from None
+
+    def _tokenizer_source(self):
+        r, src = self.data, self.src
+        tok = r.get("tokenizer_source")
+        if r.get("tokenizer") is not None:
+            _keys(r["tokenizer"], ("source",), f"{src}: tokenizer (tokens and pad_to_multiple_of are not supported)")
+            if tok is not None:
+                raise ConfigError(f"{src}: give tokenizer_source or tokenizer, not both")
+            tok = r["tokenizer"].get("source", "union")
+        if tok == "union":
+            raise ConfigError(f"{src}: tokenizer_source: union is not supported; use base or a model path "
+                              "(embedding rows are then matched by token)")
+        return tok
+
+    def model(self, ref, key: str = "model") -> _Model:
+        """The model at path `ref` (relative to the working directory, else to the recipe), opened once."""
         if not isinstance(ref, str):
-            raise ConfigError(f"{src}: model {ref!r} must be a path")
-        cands = [Path(ref)] + ([rpath.parent / ref] if rpath and not Path(ref).is_absolute() else [])
+            raise ConfigError(f"{self.src}: {key} {ref!r} must be a path")
+        cands = [Path(ref)] + ([self.path.parent / ref] if self.path and not Path(ref).is_absolute() else [])
         path = next((c.resolve() for c in cands if c.is_dir()), None)
         if path is None:
-            raise ConfigError(f"{src}: model {ref!r} not found (lmfoundry merges local checkpoint directories; "
-                              "download hub models first)")
-        if str(path) not in models:
-            models[str(path)] = _Model(path)
-        return models[str(path)]
+            raise ConfigError(f"{self.src}: {key} {ref!r} not found (lmfoundry merges local checkpoint "
+                              "directories; download hub models first)")
+        if str(path) not in self.models:
+            self.models[str(path)] = _Model(path)
+        return self.models[str(path)]
 
-    known = {**method.model_params, **method.shared_params}
-
-    def params(d, where, shared_ok=True):
-        d = _keys(d or {}, list(known), f"{src}: {where}: parameters of {name}")
+    def parameters(self, d, where: str, shared_ok: bool = True) -> dict:
+        method, name = self.method, self.method_name
+        d = _keys(d or {}, list({**method.model_params, **method.shared_params}),
+                  f"{self.src}: {where}: parameters of {name}")
         misplaced = [k for k in d if k in method.shared_params and not shared_ok]
         if misplaced:
-            raise ConfigError(f"{src}: {where}: {misplaced[0]!r} is a shared parameter of {name}; set it in the "
-                              "top-level (or slice) parameters")
+            raise ConfigError(f"{self.src}: {where}: {misplaced[0]!r} is a shared parameter of {name}; set it in "
+                              "the top-level (or slice) parameters")
         return d
 
-    base = model(r["base_model"]) if r.get("base_model") is not None else None
-    glob = params(r.get("parameters"), "global")
-    tok = tok if tok in (None, "base") else model(tok)
-    slices = []                        # (sources [(model, first layer, params)], n layers, base, params)
-    if "models" in r:
-        if not isinstance(r["models"], list) or not r["models"]:
+    def slices(self) -> list[_Slice]:
+        """The recipe's slices (models: is one slice over every layer), checked against the method."""
+        slices = self._from_models() if "models" in self.data else self._from_slices()
+        lo, hi = self.method.inputs
+        for i, s in enumerate(slices):
+            ms = [src.model for src in s.sources]
+            if len(set(map(id, ms))) != len(ms):
+                raise ConfigError(f"{self.src}: slice {i}: a model appears twice among its inputs")
+            if len(ms) < lo or (hi is not None and len(ms) > hi):
+                want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+                raise ConfigError(f"{self.src}: {self.method_name} takes {want} inputs (base included); "
+                                  f"slice {i} has {len(ms)}")
+            if self.method.base == "required" and (s.base is None or all(m is not s.base for m in ms)):
+                raise ConfigError(f"{self.src}: {self.method_name} needs a base_model, and it must be among the "
+                                  f"inputs of slice {i}")
+        return slices
+
+    def _from_models(self) -> list[_Slice]:
+        entries, src = self.data["models"], self.src
+        if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{src}: models: must be a non-empty list of {{model, parameters}}")
-        sources = [(model(_keys(e, ("model", "parameters"), f"{src}: models entry").get("model")), 0,
-                    params(e.get("parameters"), f"model {e.get('model')}", False)) for e in r["models"]]
-        if base is not None and all(m is not base for m, _, _ in sources):
-            sources.append((base, 0, {}))
-        lengths = sorted({m.cfg.n_layers for m, _, _ in sources})
+        sources = [_Source(self.model(_keys(e, ("model", "parameters"), f"{src}: models entry").get("model")), 0,
+                           self.parameters(e.get("parameters"), f"model {e.get('model')}", False)) for e in entries]
+        if self.base is not None and all(s.model is not self.base for s in sources):
+            sources.append(_Source(self.base, 0, {}))
+        lengths = sorted({s.model.config.n_layers for s in sources})
         if len(lengths) > 1:
             raise ConfigError(f"{src}: the models have different numbers of layers {lengths}; use slices:")
-        slices.append((sources, lengths[0], base, {}))
-    else:
-        if not isinstance(r["slices"], list) or not r["slices"]:
+        return [_Slice(sources, lengths[0], self.base, {})]
+
+    def _from_slices(self) -> list[_Slice]:
+        entries, src = self.data["slices"], self.src
+        if not isinstance(entries, list) or not entries:
             raise ConfigError(f"{src}: slices: must be a non-empty list of {{sources: [...]}}")
-        for i, s in enumerate(r["slices"]):
+        slices = []
+        for i, s in enumerate(entries):
             _keys(s, ("sources", "base_model", "parameters", "residual_weight"), f"{src}: slice {i}")
             if s.get("residual_weight") is not None or not isinstance(s.get("sources"), list) or not s["sources"]:
                 raise ConfigError(f"{src}: slice {i}: needs a list of sources (residual_weight is not supported)")
-            sources, lengths = [], set()
-            for e in s["sources"]:
-                _keys(e, ("model", "layer_range", "parameters"), f"{src}: slice {i} source")
-                m, lr = model(e.get("model")), e.get("layer_range")
-                if (not isinstance(lr, list) or len(lr) != 2 or not all(type(v) is int for v in lr)
-                        or not 0 <= lr[0] < lr[1] <= m.cfg.n_layers):
-                    raise ConfigError(f"{src}: slice {i}: layer_range {lr} of {e.get('model')} must be [start, end) "
-                                      f"with 0 <= start < end <= {m.cfg.n_layers} (end is exclusive)")
-                sources.append((m, lr[0], params(e.get("parameters"), f"slice {i} model {e['model']}", False)))
-                lengths.add(lr[1] - lr[0])
+            sources = [self._slice_source(e, i) for e in s["sources"]]
+            lengths = {n for _, n in sources}
             if len(lengths) > 1:
                 raise ConfigError(f"{src}: slice {i}: sources have different lengths {sorted(lengths)}")
-            sbase = model(s["base_model"]) if s.get("base_model") is not None else base
-            slices.append((sources, lengths.pop(), sbase, params(s.get("parameters"), f"slice {i}")))
-    for i, (sources, _, sbase, _) in enumerate(slices):
-        ms = [m for m, _, _ in sources]
-        if len(set(map(id, ms))) != len(ms):
-            raise ConfigError(f"{src}: slice {i}: a model appears twice among its inputs")
-        lo, hi = method.inputs
-        if len(ms) < lo or (hi is not None and len(ms) > hi):
-            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-            raise ConfigError(f"{src}: {name} takes {want} inputs (base included); slice {i} has {len(ms)}")
-        if method.base == "required" and (sbase is None or all(m is not sbase for m in ms)):
-            raise ConfigError(f"{src}: {name} needs a base_model, and it must be among the inputs of slice {i}")
-    return _plan(r, text, src, name, slices, base, glob, models, tok, dtype, out_dtype, seed)
+            base = self.model(s["base_model"], "base_model") if s.get("base_model") is not None else self.base
+            slices.append(_Slice([source for source, _ in sources], lengths.pop(), base,
+                                 self.parameters(s.get("parameters"), f"slice {i}")))
+        return slices
+
+    def _slice_source(self, entry, i: int) -> tuple[_Source, int]:
+        _keys(entry, ("model", "layer_range", "parameters"), f"{self.src}: slice {i} source")
+        m, lr = self.model(entry.get("model")), entry.get("layer_range")
+        if (not isinstance(lr, list) or len(lr) != 2 or not all(type(v) is int for v in lr)
+                or not 0 <= lr[0] < lr[1] <= m.config.n_layers):
+            raise ConfigError(f"{self.src}: slice {i}: layer_range {lr} of {entry.get('model')} must be [start, end) "
+                              f"with 0 <= start < end <= {m.config.n_layers} (end is exclusive)")
+        params = self.parameters(entry.get("parameters"), f"slice {i} model {entry['model']}", False)
+        return _Source(m, lr[0], params), lr[1] - lr[0]
+
+# ----- planning -----------------------------------------------------------------------------------
 
 
-def _plan(r, text, src, name, slices, base, glob, models, tok, dtype, out_dtype, seed) -> MergePlan:
-    method, first = METHODS[name], base or slices[0][0][0][0]
-    layers = [(s, j) for s in slices for j in range(s[1])]         # output layer -> (slice, offset)
-    starts = [sum(s[1] for s in slices[:i]) for i in range(len(slices))]
-    layout = [f"{a}..{a + s[1] - 1} <- " + " + ".join(f"{m}[{lo}:{lo + s[1]}]" for m, lo, _ in s[0])
-              for a, s in zip(starts, slices)]
-    origin = [(s[0][0][0].cfg, s[0][0][1] + j) for s, j in layers]
-    cfg = first.cfg.replace(n_layers=len(layers), n_heads=[c.n_heads[i] for c, i in origin],
-                            n_kv_heads=[c.n_kv_heads[i] for c, i in origin], ffn_dim=[c.ffn_dim[i] for c, i in origin])
-    if (cfg.skip_save or cfg.skip_blend) and [i for _, i in origin] != list(range(first.cfg.n_layers)):
-        raise ConfigError(f"{src}: {first} has skip connections; restacking its layers would misplace them "
-                          "(lmfoundry upscale remaps them)")
-    notes = []
-    for m in models.values():
-        if cfg.tie_embeddings and not m.cfg.tie_embeddings:
-            raise ConfigError(f"{src}: {first} ties its embeddings but {m} has a separate lm_head.weight")
-        for key in ("rope_theta", "rope_scaling", "norm_eps", "max_seq_len", "sliding_window"):
-            if getattr(m.cfg, key) != getattr(first.cfg, key):
-                notes.append(f"{m} has {key} {getattr(m.cfg, key)}; the output keeps {first}'s {getattr(cfg, key)}")
-    target = None
-    if tok is not None:
-        target = first if tok == "base" else tok
-        cfg = cfg.replace(vocab_size=target.cfg.vocab_size)
+def plan_merge(recipe, seed: int = 0) -> MergePlan:
+    """Check a recipe (dict or YAML path) against every input's config and headers and resolve
+    every tensor's parameters; no tensor is read."""
+    r = _Recipe(recipe)
+    slices = r.slices()
+    first = r.base or slices[0].sources[0].model
+    layers = [(s, j) for s in slices for j in range(s.n_layers)]          # output layer -> (slice, offset)
+    cfg, notes = _output_config(r, first, layers)
+    target = None if r.tokenizer is None else first if r.tokenizer == "base" else r.tokenizer
+    if target is not None:
+        cfg = cfg.replace(vocab_size=target.config.vocab_size)
     else:
-        ms = list(models.values())
-        keys = [m.row_keys() for m in ms] if all((m.path / "tokenizer.json").is_file() for m in ms) else None
-        if len({m.cfg.vocab_size for m in ms}) > 1 or (keys and any(k != keys[0] for k in keys)):
-            raise ConfigError(f"{src}: the models' vocabularies differ (" + ", ".join(
-                f"{m}: {m.cfg.vocab_size} rows" for m in ms) + "), so embed and lm_head tensors cannot be merged "
-                "row by row; set tokenizer_source: base (or a model path) to match rows by token")
+        _check_same_vocabulary(r)
     try:
-        hf = config_to_hf(cfg, first.fmt)
+        hf = config_to_hf(cfg, first.format)
     except ConfigError as e:
-        raise ConfigError(f"{src}: the output cannot be written as {first.fmt.name}: {e}") from None
-    out_names = {o: t for t, ours in weight_plan(cfg, first.fmt).items() for o in ours}
-    plan = MergePlan(r, text, name, cfg, first.fmt, hf, dtype, out_dtype or dtype or first.lazy.dtype,
-                     (target or first).path, seed, notes=notes, layout=layout)
-    shapes = cfg.shapes()
+        raise ConfigError(f"{r.src}: the output cannot be written as {first.format.name}: {e}") from None
+    starts = [sum(s.n_layers for s in slices[:i]) for i in range(len(slices))]
+    layout = [f"{a}..{a + s.n_layers - 1} <- " + " + ".join(f"{src.model}[{src.first_layer}:"
+                                                            f"{src.first_layer + s.n_layers}]" for src in s.sources)
+              for a, s in zip(starts, slices)]
+    plan = MergePlan(r.data, r.text, r.method_name, cfg, first.format, hf, r.dtype,
+                     r.out_dtype or r.dtype or first.dtype, (target or first).path, seed, notes=notes, layout=layout)
+    _add_jobs(r, plan, target, slices, layers)
+    if r.method_name == "ties" and any(j.shared_params["paper"] for j in plan.jobs.values()):
+        plan.passes = 3
+    return plan
 
-    def job(out, slc, t, offset=None):
-        sources, _, sbase, sparams = slc
+
+def _output_config(r: _Recipe, first: _Model, layers: list) -> tuple[ModelConfig, list]:
+    """The output's config (the first model's, with the stacked layers' per-layer lists) and notes
+    on what the other models set differently."""
+    origin = [(s.sources[0].model.config, s.sources[0].first_layer + j) for s, j in layers]
+    if (first.config.skip_save or first.config.skip_blend) and [i for _, i in origin] != list(
+            range(first.config.n_layers)):
+        raise ConfigError(f"{r.src}: {first} has skip connections; restacking its layers would misplace them "
+                          "(lmfoundry upscale remaps them)")
+    cfg = first.config.replace(n_layers=len(layers), **{k: [getattr(c, k)[i] for c, i in origin]
+                                                         for k in ("n_heads", "n_kv_heads", "ffn_dim")})
+    notes = []
+    for m in r.models.values():
+        if cfg.tie_embeddings and not m.config.tie_embeddings:
+            raise ConfigError(f"{r.src}: {first} ties its embeddings but {m} has a separate lm_head.weight")
+        for key in ("rope_theta", "rope_scaling", "norm_eps", "max_seq_len", "sliding_window"):
+            if getattr(m.config, key) != getattr(first.config, key):
+                notes.append(f"{m} has {key} {getattr(m.config, key)}; the output keeps {first}'s "
+                             f"{getattr(cfg, key)}")
+    return cfg, notes
+
+
+def _check_same_vocabulary(r: _Recipe):
+    ms = list(r.models.values())
+    keys = [m.row_keys() for m in ms] if all((m.path / "tokenizer.json").is_file() for m in ms) else None
+    if len({m.config.vocab_size for m in ms}) > 1 or (keys and any(k != keys[0] for k in keys)):
+        raise ConfigError(f"{r.src}: the models' vocabularies differ (" + ", ".join(
+            f"{m}: {m.config.vocab_size} rows" for m in ms) + "), so embed and lm_head tensors cannot be merged "
+            "row by row; set tokenizer_source: base (or a model path) to match rows by token")
+
+
+def _add_jobs(r: _Recipe, plan: MergePlan, target: _Model | None, slices: list, layers: list):
+    """One job per output tensor: its inputs from the slice that makes it (embeddings from the first,
+    the final norm and lm_head from the last), at gradient position t within the slice."""
+    cfg, shapes = plan.cfg, plan.cfg.shapes()
+    stored = {o: t for t, ours in weight_plan(cfg, plan.fmt).items() for o in ours}
+
+    def job(out: str, slc: _Slice, t: float, offset: int | None = None) -> _Job:
         inputs = []
-        for m, lo, _ in sources:
-            theirs = out if offset is None else f"layers.{lo + offset}.{out.split('.', 2)[2]}"
-            inputs.append((m, "embed.weight" if theirs == "lm_head.weight" and theirs not in m.parts else theirs))
+        for src in slc.sources:
+            theirs = out if offset is None else f"layers.{src.first_layer + offset}.{out.split('.', 2)[2]}"
+            tied = theirs == "lm_head.weight" and theirs not in src.model.stored
+            inputs.append((src.model, "embed.weight" if tied else theirs))
         vocab = None
         if out in ("embed.weight", "lm_head.weight") and target is not None:
-            vocab = _vocab_maps(target, [m for m, _ in inputs], plan.notes, src)
+            vocab = _vocab_maps(target, [m for m, _ in inputs], plan.notes, r.src)
         for i, (m, theirs) in enumerate(inputs):
-            want = (shapes[out] if vocab is None or vocab[i] is None else (m.cfg.vocab_size, *shapes[out][1:]))
+            want = shapes[out] if vocab is None or vocab[i] is None else (m.config.vocab_size, *shapes[out][1:])
             if m.shapes[theirs] != tuple(want):
-                raise ConfigError(f"{src}: {out_names[out]} (from {m.hf[theirs]} of {m}) has shape "
+                raise ConfigError(f"{r.src}: {stored[out]} (from {m.stored_name(theirs)} of {m}) has shape "
                                   f"{list(m.shapes[theirs])}, the output needs {list(want)}")
-        bi = next((i for i, (m, _) in enumerate(inputs) if m is sbase), None) if method.base == "required" else None
-        mps = [{} if i == bi else _resolve(method.model_params, [mp, sparams, glob], m.hf[theirs], t, str(m))
-               for i, ((m, theirs), (_, _, mp)) in enumerate(zip(inputs, sources))]
-        plan.jobs[out] = _Job(out, shapes[out], inputs, bi, mps,
-                              _resolve(method.shared_params, [sparams, glob], out_names[out], t, "the merge"), vocab)
+        base = (next((i for i, (m, _) in enumerate(inputs) if m is slc.base), None)
+                if r.method.base == "required" else None)
+        try:
+            model_params = [{} if i == base else _resolve(r.method.model_params, [src.params, slc.params, r.params],
+                                                          m.stored_name(theirs), t, str(m))
+                            for i, ((m, theirs), src) in enumerate(zip(inputs, slc.sources))]
+            shared = _resolve(r.method.shared_params, [slc.params, r.params], stored[out], t, "the merge")
+        except ConfigError as e:
+            raise ConfigError(f"{r.src}: {e}") from None
+        return _Job(out, stored[out], shapes[out], inputs, base, model_params, shared, vocab)
 
     for out in shapes:
         if not out.startswith("layers."):
-            job(out, slices[0] if out == "embed.weight" else slices[-1], 0.0)
+            plan.jobs[out] = job(out, slices[0] if out == "embed.weight" else slices[-1], 0.0)
     for L, (slc, j) in enumerate(layers):
-        for m, lo, _ in slc[0]:                             # heads must agree where shapes alone may not tell
-            c = m.cfg
-            if (c.dim, c.head_dim, c.qk_norm, c.n_heads[lo + j], c.n_kv_heads[lo + j]) != (
+        for src in slc.sources:                           # heads must agree where shapes alone may not tell
+            c, i = src.model.config, src.first_layer + j
+            if (c.dim, c.head_dim, c.qk_norm, c.n_heads[i], c.n_kv_heads[i]) != (
                     cfg.dim, cfg.head_dim, cfg.qk_norm, cfg.n_heads[L], cfg.n_kv_heads[L]):
-                raise ConfigError(f"{src}: layer {lo + j} of {m} has other attention heads than output layer {L}")
+                raise ConfigError(f"{r.src}: layer {i} of {src.model} has other attention heads than output "
+                                  f"layer {L}")
         for out in shapes:
             if out.startswith(f"layers.{L}."):
-                job(out, slc, j / (slc[1] - 1) if slc[1] > 1 else 1.0, j)
-    if name == "ties" and any(j.params["paper"] for j in plan.jobs.values()):
-        plan.passes = 3
-    return plan
+                plan.jobs[out] = job(out, slc, j / (slc.n_layers - 1) if slc.n_layers > 1 else 1.0, j)
 
 
 def _vocab_maps(target: _Model, inputs: list, notes: list, src: str) -> list:
@@ -594,12 +677,13 @@ def _vocab_maps(target: _Model, inputs: list, notes: list, src: str) -> list:
     where the input has the target's rows already."""
     keys, maps = target.row_keys(), []
     for m in inputs:
-        if m is target or (m.cfg.vocab_size == target.cfg.vocab_size and m.row_keys() in (None, keys)):
+        if m is target or (m.config.vocab_size == target.config.vocab_size and m.row_keys() in (None, keys)):
             maps.append(None)
             continue
         if keys is None or m.row_keys() is None:
             raise ConfigError(f"{src}: {m if keys else target} has no tokenizer.json, so the embedding rows of "
-                              f"{m} ({m.cfg.vocab_size}) and {target} ({target.cfg.vocab_size}) cannot be matched")
+                              f"{m} ({m.config.vocab_size}) and {target} ({target.config.vocab_size}) cannot be "
+                              "matched")
         own = {k: i for i, k in enumerate(m.row_keys())}
         idx = torch.tensor([own.get(k, -1) for k in keys])
         note = (f"{m}: {int((idx < 0).sum())} of the output's {len(keys)} tokens missing (filled from the base, "
@@ -630,18 +714,13 @@ def _inputs(plan: MergePlan, j: _Job) -> list:
         have = [torch.ones(j.shape[0], dtype=torch.bool) if v is None else v >= 0 for v in j.vocab]
         count = sum(h.float() for h in have)
         if bool((count == 0).any()):
-            raise ConfigError(f"{j.name}: {int((count == 0).sum())} output tokens exist in none of its inputs")
+            raise ConfigError(f"{j.stored}: {int((count == 0).sum())} output tokens exist in none of its inputs")
         fill = sum(t * h[:, None] for t, h in zip(ts, have)) / count[:, None]
         if j.base is not None:
             fill = torch.where(have[j.base][:, None], ts[j.base], fill)
         for t, h in zip(ts, have):
             t[~h] = fill[~h]
     return ts
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN or inf, without isfinite's temporaries: a finite sum proves it; else look closer."""
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -661,10 +740,10 @@ def _thresholds(plan: MergePlan) -> dict:
     a histogram of the high 16 bits of the float32 patterns, then of the low 16 bits in the chosen bin."""
     density: dict = {}
     for j in plan.jobs.values():
-        for mp, m in zip(*_split(j, j.inputs)[2:]):
-            if density.setdefault(m, mp["density"]) != mp["density"]:
+        for p, m in zip(*_split(j, j.inputs)[2:]):
+            if density.setdefault(m, p["density"]) != p["density"]:
                 raise ConfigError(f"paper: true trims each model as a whole, so {m} needs one density, "
-                                  f"not {density[m]} and {mp['density']}")
+                                  f"not {density[m]} and {p['density']}")
 
     def histograms(select):
         hist: dict = {}
@@ -693,15 +772,15 @@ def _thresholds(plan: MergePlan) -> dict:
     return taus
 
 
-def _run(plan: MergePlan, j: _Job, taus: dict | None) -> torch.Tensor:
-    base, xs, mps, ms = _split(j, _inputs(plan, j))
-    kw = {} if taus is None else {"taus": [taus.get(m) for m in ms]}
+def _run(plan: MergePlan, j: _Job, thresholds: dict | None) -> torch.Tensor:
+    base, xs, model_params, ms = _split(j, _inputs(plan, j))
+    kw = {} if thresholds is None else {"thresholds": [thresholds.get(m) for m in ms]}
     try:
-        y = METHODS[plan.method].fn(base, xs, mps, j.params, _generator(plan.seed, j.name), **kw)
+        y = METHODS[plan.method].fn(base, xs, model_params, j.shared_params, _generator(plan.seed, j.name), **kw)
     except ConfigError as e:
-        raise ConfigError(f"{j.name}: {e}") from None
-    if not _finite(y):
-        raise CheckpointError(f"{plan.method} produced NaN or inf values in {j.name}; nothing was written")
+        raise ConfigError(f"{j.stored}: {e}") from None
+    if not all_finite(y):
+        raise CheckpointError(f"{plan.method} produced NaN or inf values in {j.stored}; nothing was written")
     return y.to(plan.out_dtype)
 
 
@@ -717,35 +796,16 @@ def merge(recipe, out, dry_run: bool = False, overwrite: bool = False, seed: int
     out = Path(out)
     if any(out.resolve() == m.path for j in plan.jobs.values() for m, _ in j.inputs):
         raise ConfigError(f"{out}: is one of the merge's inputs")
-    fused = weight_plan(plan.cfg, plan.fmt)
-    specs = [(t, (sum(plan.jobs[p].shape[0] for p in ours), *plan.jobs[ours[0]].shape[1:]), plan.out_dtype)
-             for t, ours in fused.items()]
-    with atomic_dir(out, overwrite=overwrite) as tmp:          # refuses an existing OUT before any work
-        taus = _thresholds(plan) if plan.passes > 1 else None
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(plan.jobs), unit="tensor", desc="merge", file=sys.stderr)
-
-        def stream():
-            for theirs, ours in fused.items():
-                parts = [_run(plan, plan.jobs[p], taus) for p in ours]
-                yield theirs, parts[0] if len(parts) == 1 else torch.cat(parts)
-                if bar is not None:
-                    bar.update(len(ours))
-        try:
-            write_safetensors(tmp, stream(), max_shard_size, specs=specs)
-        finally:
-            if bar is not None:
-                bar.close()
-        write_json(tmp / "config.json", dict(plan.hf, torch_dtype=dtype_name(plan.out_dtype)))
-        if "generation_config.json" not in copy_tokenizer_files(plan.tokenizer_from, tmp):
-            write_json(tmp / "generation_config.json", {"bos_token_id": plan.cfg.bos_token_id,
-                                                        "eos_token_id": plan.cfg.eos_token_id})
-        from .. import __version__
-        (tmp / RECIPE_FILE).write_text(f"# merged by lmfoundry {__version__} (random seed {seed}); reproduce: "
-                                       f"lmfoundry merge {RECIPE_FILE} OUT --random-seed {seed}\n" + plan.text)
-    return out
+    # paper TIES's thresholds take whole passes over the inputs: computed on the first tensor's
+    # call, once the writer has claimed OUT (an existing OUT is refused before any work)
+    thresholds = functools.cache(lambda: _thresholds(plan) if plan.passes > 1 else None)
+    tensors = {name: functools.partial(lambda j: _run(plan, j, thresholds()), j) for name, j in plan.jobs.items()}
+    from .. import __version__
+    recipe_text = (f"# merged by lmfoundry {__version__} (random seed {seed}); reproduce: "
+                   f"lmfoundry merge {RECIPE_FILE} OUT --random-seed {seed}\n" + plan.text)
+    return write_checkpoint(out, plan.cfg, tensors, plan.fmt, plan.out_dtype, max_shard_size,
+                            tokenizer_from=plan.tokenizer_from, overwrite=overwrite,
+                            extra_files={RECIPE_FILE: recipe_text}, progress="merge" if progress else None)
 
 
 __all__ = ["merge", "plan_merge", "MergePlan", "METHODS", "evaluate"] + [f.__name__ for f in (

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
 
-from ..checkpoint import read_checkpoint, write_checkpoint
+from ..checkpoint import Checkpoint, write_checkpoint
 from ..checkpoint.formats import config_to_hf
-from ..checkpoint.io import LazyTensors, dtype_name, parse_dtype, parse_size
+from ..checkpoint.io import dtype_name, parse_dtype, parse_size
 from ..config import ModelConfig
 from ..errors import ConfigError
 
@@ -238,14 +237,6 @@ def _mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a.float() + b.float()) / 2).to(a.dtype)   # in float32, back to the checkpoint's dtype
 
 
-def _counted(load, bar, out_bytes: int):
-    def counted():
-        t = load()
-        bar.update(t.numel() * out_bytes)
-        return t
-    return counted
-
-
 def _layer_loader(loaders, layer: Layer, suffix: str):
     parts = [loaders[f"layers.{i}.{suffix}"] for i in (layer.mean or (layer.src,))]
     if layer.identity and suffix in ZEROED:
@@ -253,6 +244,47 @@ def _layer_loader(loaders, layer: Layer, suffix: str):
     if layer.mean:
         return lambda: _mean(parts[0](), parts[1]())
     return parts[0]
+
+
+def _check_arguments(src: Path, out: Path, seam, seam_width, expand, plan_given: bool, dry_run: bool,
+                     overwrite: bool) -> int:
+    """Refuse bad arguments before anything is read; returns seam_width as an integer."""
+    if not src.is_dir():
+        raise ConfigError(f"src {src}: no such checkpoint directory")
+    if seam not in SEAMS:
+        raise ConfigError(f"seam={seam!r}: must be one of {', '.join(SEAMS)}")
+    if not plan_given and expand is None:
+        raise ConfigError("nothing to do: give drop, layers, target_layers or expand")
+    seam_width = _int("seam_width", seam_width)
+    if seam_width < 1 or seam_width != 1 and seam != "average":
+        raise ConfigError(f"seam_width={seam_width}: must be at least 1, and applies to seam='average' only")
+    if not dry_run:
+        if out.resolve() == src.resolve():
+            raise ConfigError(f"out {out}: is the source directory; write the upscaled model elsewhere")
+        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"out {out}: already exists and is not empty (overwrite=True or --force replaces it)")
+    return seam_width
+
+
+PER_LAYER = ("n_heads", "n_kv_heads", "ffn_dim")
+
+
+def _output_config(cfg: ModelConfig, fmt, new_layers: list[Layer]) -> ModelConfig:
+    """The source config with the output's layers: per-layer lists and skips follow them."""
+    for j, layer in enumerate(new_layers):
+        shapes = {tuple(getattr(cfg, k)[i] for k in PER_LAYER) for i in layer.mean}
+        if len(shapes) > 1:
+            raise ConfigError(f"seam='average': output layer {j} would average source layers {layer.mean}, whose "
+                              f"(heads, kv heads, ffn) differ: {' vs '.join(map(str, shapes))}")
+    skip_save, skip_blend = remap_skips(cfg, new_layers)
+    new_cfg = cfg.replace(n_layers=len(new_layers), skip_save=skip_save, skip_blend=skip_blend,
+                          **{k: [getattr(cfg, k)[layer.src] for layer in new_layers] for k in PER_LAYER})
+    try:
+        config_to_hf(new_cfg, fmt)
+    except ConfigError as e:
+        raise ConfigError(f"the upscaled model cannot be written as {fmt.architecture} (the source's format): {e}") \
+            from None
+    return new_cfg
 
 
 def upscale(src, out, drop=None, layers=None, target_layers=None, seam="stack", seam_width=1, expand=None,
@@ -265,60 +297,35 @@ def upscale(src, out, drop=None, layers=None, target_layers=None, seam="stack", 
     are copied and the recipe is written beside the weights. dry_run plans and writes nothing;
     progress shows a bar on stderr."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise ConfigError(f"src {src}: no such checkpoint directory")
-    if seam not in SEAMS:
-        raise ConfigError(f"seam={seam!r}: must be one of {', '.join(SEAMS)}")
-    if all(v is None for v in (drop, layers, target_layers, expand)):
-        raise ConfigError("nothing to do: give drop, layers, target_layers or expand")
-    seam_width = _int("seam_width", seam_width)
-    if seam_width < 1 or seam_width != 1 and seam != "average":
-        raise ConfigError(f"seam_width={seam_width}: must be at least 1, and applies to seam='average' only")
+    seam_width = _check_arguments(src, out, seam, seam_width, expand,
+                                  any(v is not None for v in (drop, layers, target_layers)), dry_run, overwrite)
     out_dtype = parse_dtype(dtype)
     parse_size(max_shard_size)   # a bad size fails here, before anything is read
-    if not dry_run:
-        if out.resolve() == src.resolve():
-            raise ConfigError(f"out {out}: is the source directory; write the upscaled model elsewhere")
-        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(f"out {out}: already exists and is not empty (overwrite=True or --force replaces it)")
 
-    cfg, fmt, loaders = read_checkpoint(src)
+    ckpt = Checkpoint(src)
+    cfg, fmt = ckpt.config, ckpt.format
     plan = plan_layers(cfg.n_layers, drop, layers, target_layers)
     means = average_seams(plan, cfg.n_layers, seam_width) if seam == "average" else [None] * len(plan)
     new_layers = [Layer(i, m or ()) for i, m in zip(plan, means)]
     if expand is not None:
         new_layers = expand_blocks(new_layers, _int("expand", expand))
+    new_cfg = _output_config(cfg, fmt, new_layers)
 
-    per_layer = ("n_heads", "n_kv_heads", "ffn_dim")
-    for j, layer in enumerate(new_layers):
-        shapes = {tuple(getattr(cfg, k)[i] for k in per_layer) for i in layer.mean}
-        if len(shapes) > 1:
-            raise ConfigError(f"seam='average': output layer {j} would average source layers {layer.mean}, whose "
-                              f"(heads, kv heads, ffn) differ: {' vs '.join(map(str, shapes))}")
-    skip_save, skip_blend = remap_skips(cfg, new_layers)
-    new_cfg = cfg.replace(n_layers=len(new_layers), skip_save=skip_save, skip_blend=skip_blend,
-                          **{k: [getattr(cfg, k)[layer.src] for layer in new_layers] for k in per_layer})
-    try:
-        config_to_hf(new_cfg, fmt)
-    except ConfigError as e:
-        raise ConfigError(f"the upscaled model cannot be written as {fmt.architecture} (the source's format): {e}") \
-            from None
-
+    loaders = ckpt.loaders()
     tensors = {n: f for n, f in loaders.items() if not n.startswith("layers.")}
     suffixes = [n.removeprefix("layers.0.") for n in loaders if n.startswith("layers.0.")]
     for j, layer in enumerate(new_layers):
         tensors.update({f"layers.{j}.{s}": _layer_loader(loaders, layer, s) for s in suffixes})
 
     # Sizes from the config, without reading a tensor; reads count repeated and averaged layers.
-    in_bytes = LazyTensors(src).dtype.itemsize
+    in_bytes = ckpt.dtype.itemsize
     out_bytes = out_dtype.itemsize if out_dtype else in_bytes
     numel = {n: torch.Size(s).numel() for n, s in new_cfg.shapes().items()}
     reads = sum(numel[n] * _reads(n, new_layers) for n in numel) * in_bytes
-    write_bytes = sum(numel.values()) * out_bytes
     largest = max(numel.values())
     in_flight = largest * (in_bytes + out_bytes + (in_bytes + 4 if seam == "average" else 0))
-    result = UpscaleResult(src, out, fmt.name, cfg, new_cfg, new_layers, len(numel), reads, write_bytes,
-                           in_flight)
+    result = UpscaleResult(src, out, fmt.name, cfg, new_cfg, new_layers, len(numel), reads,
+                           sum(numel.values()) * out_bytes, in_flight)
     if dry_run:
         return result
 
@@ -329,10 +336,7 @@ def upscale(src, out, drop=None, layers=None, target_layers=None, seam="stack", 
     recipe = {"operation": "upscale", "source": str(src.resolve()), "format": fmt.name,
               "arguments": {k: v for k, v in args.items() if v is not None}, "layer_map": layer_map(new_layers)}
     recipe = "# upscale(source, out, **arguments) reproduces these weights\n" + yaml.safe_dump(recipe, sort_keys=False)
-    bar = tqdm(total=write_bytes, unit="B", unit_scale=True, desc="upscale", disable=not progress, leave=False)
-    tensors = {n: _counted(load, bar, out_bytes) for n, load in tensors.items()}
-    with bar:
-        write_checkpoint(out, new_cfg, tensors, fmt, out_dtype, max_shard_size, tokenizer_from=src,
-                         overwrite=overwrite, extra_files={RECIPE_FILE: recipe})
+    write_checkpoint(out, new_cfg, tensors, fmt, out_dtype, max_shard_size, tokenizer_from=src, overwrite=overwrite,
+                     extra_files={RECIPE_FILE: recipe}, progress="upscale" if progress else None)
     result.written = True
     return result

@@ -638,7 +638,7 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
 
     import torch
 
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, read_config
     from ..tokenizer import load_tokenizer
 
     pkg_log = logging.getLogger("lmfoundry")
@@ -659,7 +659,7 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     name = served_model_name or Path(model_dir).resolve().name
     cfg = model.config
     log.info("model %s (%s, %s, %.1fM params, %s, %s, threads %d) loaded in %.1fs",
-             name, model_dir, getattr(model, "source_format", "?"), cfg.num_params() / 1e6,
+             name, model_dir, read_config(model_dir)[1].name, cfg.num_params() / 1e6,
              str(model.dtype).removeprefix("torch."), model.device, torch.get_num_threads(), time.perf_counter() - t0)
     log.info("context %d tokens (model: %d); batch %d rows; queue %d; KV cache %.2f GiB (%d rows x %d tokens), "
              "budget %d tokens; prefill chunk %d", engine.context, cfg.max_seq_len, max_batch, max_queue,

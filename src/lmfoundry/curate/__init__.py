@@ -14,11 +14,14 @@ Modules, in the order a document meets them:
     config      the YAML pipeline; steps  per-document work in the workers
     pipeline    shards, workers, resume, the merge, outputs;  report  report.md / report.json / plots
 """
-from .config import Config, load_config, make_config
-from .filters import DEFAULTS, LANGUAGE_DEFAULTS, RULES
-from .pii import redact
-from .pipeline import curate
-from .text import words
+import importlib
 
-__all__ = ["Config", "load_config", "make_config", "curate", "redact", "words", "DEFAULTS", "LANGUAGE_DEFAULTS",
-           "RULES"]
+_EXPORTS = {"Config": "config", "load_config": "config", "make_config": "config", "curate": "pipeline",
+            "redact": "pii", "words": "text", "DEFAULTS": "filters", "LANGUAGE_DEFAULTS": "filters", "RULES": "filters"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):          # imported on first use: `lmfoundry data --help` stays light
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

@@ -7,7 +7,8 @@ documents, as DCLM trained its OH-2.5 + ELI5 vs RefinedWeb filter.
 Training lines are `__label__hq <text>` / `__label__cc <text>` with newlines turned into spaces
 (DCLM's inference does the same), shuffled with a fixed seed; a held-out tenth reports accuracy.
 Defaults follow DCLM's released model: wordNgrams 2, otherwise fastText's defaults (lr 0.1,
-dim 100, epoch 5, minCount 1). The model file is fastText's own binary format (no pickle).
+dim 100, epoch 5, minCount 1, 2M hash buckets for the bigrams: a ~0.8 GB model; fewer
+buckets make it smaller). The model file is fastText's own binary format (no pickle).
 Needs the `fasttext` package: pip install 'lmfoundry[curate]'.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..errors import DataError
 from ..records import expand_files, read_texts
 
 LABELS = ("hq", "cc")
-TRAIN_DEFAULTS = {"lr": 0.1, "dim": 100, "epoch": 5, "wordNgrams": 2, "minCount": 1}
+TRAIN_DEFAULTS = {"lr": 0.1, "dim": 100, "epoch": 5, "wordNgrams": 2, "minCount": 1, "bucket": 2_000_000}
 
 
 def _fasttext():
@@ -95,8 +96,9 @@ class QualityModel:
             self.fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
 
     def score(self, text: str) -> float:
-        labels, probs = self.model.predict(" ".join(text.split()), k=-1)
-        for label, p in zip(labels, probs):
+        # the list form of predict (one line per string): the single-string form breaks on numpy 2
+        labels, probs = self.model.predict([" ".join(text.split())], k=-1)
+        for label, p in zip(labels[0], probs[0]):
             if label == "__label__hq":
                 return float(min(max(p, 0.0), 1.0))
         return 0.0

@@ -250,15 +250,19 @@ def filter_shard(run: Run, k: int, submit, workers: int, bar) -> dict:
         for (where, record, text, plain, _), outcome in zip(records, outcomes):
             _route(where, record, text, plain, outcome, kept, removed, state, exact, sigs, sources)
 
+    counted = 0
     try:
         for chunk in _chunks(iter_docs(run.shards[k], run.cfg, state["skipped_files"]), CHUNK):
             pending.append((chunk, submit([(d[2], d[1].get("curate") if isinstance(d[1].get("curate"), dict)
                                             else None) for d in chunk])))
-            bar.update(sum(d[4] for d in chunk))
+            step = sum(d[4] for d in chunk)
+            counted += step
+            bar.update(step)
             if len(pending) >= 2 * workers:
                 drain()
         while pending:
             drain()
+        bar.update(sum(f.stat().st_size for f in run.shards[k]) - counted)   # estimates -> the files' sizes
         kept.close()
         removed.close()
     except BaseException:

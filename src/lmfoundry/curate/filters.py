@@ -191,10 +191,10 @@ class Doc:
         return sum(w.isalpha() or any(c.isalpha() for c in w) for w in self.words) / len(self.words)
 
     def stop_words(self, p):
-        stop = p["stop_words"]
-        if p["stop_word_match"] == "suffix":
-            return len({s for w in set(self.words) for s in stop if w.endswith(s) and len(w) > len(s)})
-        return len(set(stop).intersection(self.words))
+        stop = set(p["stop_words"])
+        if p["stop_word_match"] == "suffix":     # particles of 1-4 characters glued to a longer word
+            return len(stop.intersection(w[-k:] for w in set(self.words) for k in (1, 2, 3, 4) if len(w) > k))
+        return len(stop.intersection(self.words))
 
     # Gopher repetition
     def _dup_frac(self, items: list[str]):
@@ -232,22 +232,24 @@ class Doc:
         return (sum(len(w) for w in ws[start:start + n]) + n - 1) * count / len(self.text)
 
     @cached_property
-    def _repeated_5grams(self) -> set:
+    def _repeat_starts(self) -> list[int]:
+        """Positions whose 5-gram occurs more than once: the only places a repeated n-gram
+        (n >= 5) can start."""
         ids = self.word_ids
-        c = Counter(zip(*(ids[i:] for i in range(5))))
-        return {g for g, k in c.items() if k > 1}
+        grams = list(zip(ids, ids[1:], ids[2:], ids[3:], ids[4:]))
+        counts = Counter(grams)
+        return [i for i, g in enumerate(grams) if counts[g] > 1]
 
     def dup_ngram_frac(self, _, n: int):
         """Characters in repeated n-grams, scanning left to right and jumping past each repeat
-        (Gopher's definition as datatrove implements it). Positions whose n-gram occurs once in
-        the whole text cannot change the outcome, so only candidates are visited."""
+        (Gopher's definition as datatrove implements it). A position whose n-gram occurs once
+        in the whole text cannot change the outcome, so only repeat candidates are visited."""
         ids, ws = self.word_ids, self.words
-        if not self._repeated_5grams:
-            return 0.0                          # no 5-gram repeats, so no longer n-gram does
-        grams = list(zip(*(ids[i:] for i in range(n))))
+        starts = [i for i in self._repeat_starts if i + n <= len(ids)]
+        grams = [tuple(ids[i:i + n]) for i in starts]
         counts = Counter(grams)
         seen, chars, idx = set(), 0, 0
-        for pos, g in enumerate(grams):
+        for pos, g in zip(starts, grams):
             if pos < idx or counts[g] < 2:
                 continue
             if g in seen:

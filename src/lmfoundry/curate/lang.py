@@ -33,11 +33,17 @@ SCRIPTS = [  # (label, code point ranges)
     ("ru", [(0x400, 0x4FF)]),
 ]
 
+_RANGES = sorted((a, b, i) for i, (_, ranges) in enumerate(SCRIPTS) for a, b in ranges)
+_EDGES = np.array([x for a, b, _ in _RANGES for x in (a, b + 1)], dtype=np.uint32)
+_RANGE_OWNER = np.array([i for _, _, i in _RANGES])
+
 
 def script_shares(text: str) -> tuple[dict[str, float], int]:
     """{script: share of the letters} over the first SAMPLE characters, and the letter count."""
     cps = np.frombuffer(text[:SAMPLE].encode("utf-32-le"), dtype=np.uint32)
-    counts = {name: int(sum(((cps >= a) & (cps <= b)).sum() for a, b in ranges)) for name, ranges in SCRIPTS}
+    slot = np.searchsorted(_EDGES, cps, side="right")          # odd slots lie inside a range
+    per_range = np.bincount(slot, minlength=len(_EDGES) + 1)[1::2]
+    counts = {name: int(per_range[_RANGE_OWNER == i].sum()) for i, (name, _) in enumerate(SCRIPTS)}
     letters = len(_LETTER.findall(text[:SAMPLE]))
     return {k: v / letters for k, v in counts.items()} if letters else {}, letters
 

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,19 @@ class PartWriter:
         elif self.writer is not None:
             self.writer.close()
         self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def committed(*writers: PartWriter):
+    """Close (rename into place) every writer if the block succeeds; delete their files if not."""
+    try:
+        yield writers
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for w in writers:
+        w.close()
 
 
 def save_json(path: Path, data):
@@ -251,7 +265,7 @@ def filter_shard(run: Run, k: int, submit, workers: int, bar) -> dict:
             _route(where, record, text, plain, outcome, kept, removed, state, exact, sigs, sources)
 
     counted = 0
-    try:
+    with committed(kept, removed):
         for chunk in _chunks(iter_docs(run.shards[k], run.cfg, state["skipped_files"]), CHUNK):
             pending.append((chunk, submit([(d[2], d[1].get("curate") if isinstance(d[1].get("curate"), dict)
                                             else None) for d in chunk])))
@@ -263,12 +277,6 @@ def filter_shard(run: Run, k: int, submit, workers: int, bar) -> dict:
         while pending:
             drain()
         bar.update(sum(f.stat().st_size for f in run.shards[k]) - counted)   # estimates -> the files' sizes
-        kept.close()
-        removed.close()
-    except BaseException:
-        kept.abort()
-        removed.abort()
-        raise
     if not final:
         save_npy(run.work / f"{run.name(k)}.exact.npy",
                  np.frombuffer(b"".join(exact), dtype=np.uint8).reshape(len(exact), 16) if exact
@@ -370,7 +378,7 @@ def write_shard(run: Run, k: int, bar) -> dict:
     removed = PartWriter(run.out / "removed" / f"{run.name(k)}.dedup.jsonl")
     stats, examples = S.new_stats(), {}
     step = {"docs_in": 0, "docs_out": 0, "words_in": 0, "words_out": 0}
-    try:
+    with committed(kept, removed):
         for i, (where, record) in enumerate(read_records(stage)):
             text = record_text(record, run.cfg.text_field, where)[0]
             words = len(text.split())
@@ -383,19 +391,13 @@ def write_shard(run: Run, k: int, bar) -> dict:
                                                "threshold": 1.0 if kind_ == 1 else run.dedup["threshold"],
                                                "duplicate_of": of}
                 removed.write(record)
-                S._bump(stats["removed"], f"dedup/{rule}", docs=1, words=words)
+                S.bump(stats["removed"], f"dedup/{rule}", docs=1, words=words)
                 _example(examples, f"dedup/{rule}", record["curate"].get("source", where), text, {"value": sim})
             else:
                 kept.write(record)
                 step["docs_out"] += 1
                 step["words_out"] += words
             bar.update(1)
-        kept.close()
-        removed.close()
-    except BaseException:
-        kept.abort()
-        removed.abort()
-        raise
     stats["steps"]["dedup"] = step
     stats["documents"]["out"] = step["docs_out"] - step["docs_in"]     # the change to phase 1's count
     stats["words"]["out"] = step["words_out"] - step["words_in"]

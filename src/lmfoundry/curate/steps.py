@@ -135,7 +135,7 @@ def merge_stats(a: dict, b: dict) -> dict:
     return a
 
 
-def _bump(d: dict, key: str, **counts):
+def bump(d: dict, key: str, **counts):
     row = d.setdefault(key, {})
     for k, n in counts.items():
         row[k] = row.get(k, 0) + n
@@ -158,15 +158,15 @@ def process(steps, backend: str, text: str, prior: dict | None, stats: dict):
     removal = None
     for label, run in steps:
         if label != "dedup":                 # dedup is counted when duplicates are dropped (phase 3)
-            _bump(stats["steps"], label, docs_in=1, words_in=words)
+            bump(stats["steps"], label, docs_in=1, words_in=words)
         removal = run(doc, ctx)
         if doc.text is not text:
             text, words = doc.text, len(doc.text.split())
         if removal is not None:
-            _bump(stats["removed"], f"{label}/{removal.rule}", docs=1, words=words)
+            bump(stats["removed"], f"{label}/{removal.rule}", docs=1, words=words)
             break
         if label != "dedup":
-            _bump(stats["steps"], label, docs_out=1, words_out=words)
+            bump(stats["steps"], label, docs_out=1, words_out=words)
     _annotate_stats(stats, ctx.meta, removal is None, words)
     return (removal.as_dict() if removal else None, None if doc.text is original else doc.text, ctx.meta, ctx.exact,
             ctx.signature)

@@ -13,9 +13,9 @@ steps. Both get `--workers` processes over the same `--files` input files.
 Corpus: lmfoundry.curate.synth.corpus (deterministic): English and Korean prose, each kind of
 junk, exact and near copies; written once to --data (reused when it is there). Each side runs in
 its own subprocess (datatrove needs `pip install datatrove orjson "xxhash<4"`: its xxhash
-wrapper passes str, which xxhash 4.1 refuses); measured: wall time, documents/s over the input, and the peak of the summed
-resident memory (RSS) of the side's process tree, sampled every 50 ms from /proc (Linux).
-The kept counts differ by design: datatrove's English settings drop the Korean prose, which
+wrapper passes str, which xxhash 4.1 refuses); measured: wall time, documents/s over the input,
+and the peak of the summed resident memory (RSS) of the side's process tree, sampled every 50 ms
+from /proc (Linux). The kept counts differ by design: datatrove's English settings drop the Korean prose, which
 lmfoundry's per-language settings keep (printed as "Korean").
 """
 from __future__ import annotations

@@ -68,13 +68,15 @@ def test_pipeline_removes_contaminated_sft_and_preference_records(tmp_path, eval
                       {"role": "assistant", "content": "Leaves fall."}]}])
     pref = _records(tmp_path / "pref.jsonl", [
         {"prompt": "Explain: " + question, "chosen": "Seven apples.", "rejected": "Five."},
-        {"prompt": "Name a colour of the sky on a clear summer day at noon in Seoul", "chosen": "Blue", "rejected": "x"}])
+        {"prompt": "Name a colour of the sky on a clear summer day at noon in Seoul", "chosen": "Blue",
+         "rejected": "x"}])
     cfg = make_config({"inputs": [str(sft), str(pref)], "output": str(tmp_path / "out"), "workers": 1,
                        "steps": [{"decontaminate": {"tasks": ["gsm8k"], "data_dir": str(evaldata), "n": 8}}]})
     report = curate(cfg, progress=False)
     assert report["stats"]["contamination"]["gsm8k"]["corpus_docs"] == 2
     assert report["stats"]["contamination"]["gsm8k"]["benchmark_docs"] == [0]
-    kept = [json.loads(x) for f in sorted((tmp_path / "out" / "data").glob("*.jsonl")) for x in f.read_text().splitlines()]
+    kept = [json.loads(x) for f in sorted((tmp_path / "out" / "data").glob("*.jsonl"))
+            for x in f.read_text().splitlines()]
     assert len(kept) == 2 and {"messages", "prompt"} & set(kept[0])   # records kept whole, not flattened
     assert "Benchmark contamination" in (tmp_path / "out" / "report.md").read_text()
 

@@ -228,3 +228,13 @@ def test_yaml_example_in_the_config_docstring_parses(tmp_path):
     (tmp_path / "c.yaml").write_text(textwrap.dedent("    " + yaml_text))
     cfg = load_config(tmp_path / "c.yaml")
     assert [n for n, _ in cfg.steps][-1] == "dedup" and cfg.shards == 8
+
+
+def test_readme_pipeline_example_parses():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("# curate.yaml"):]
+    block = block[:block.index("```")]
+    cfg = make_config(__import__("yaml").safe_load(block), "README.md")
+    assert [n for n, _ in cfg.steps] == ["language", "length", "gopher_quality", "gopher_repetition", "c4", "fineweb",
+                                         "classifier", "redact", "decontaminate", "dedup"]

@@ -82,7 +82,8 @@ _url = re.compile(r"^(?:[\w+.-]{2,}://)?(?:\S+(?::\S*)?@)?(?:(?:[A-Za-z0-9\u00a1
 # (and n't've unless marked with *); ca/wo/sha/ai are can/will/shall/ain't cut before "n't".
 CLITICS = {"he she it that this": "'s", "i": "'m 've", "you we they these those": "'re 've",
            "how what when where who why there": "'re 's 've", "could might must should would not": "'ve"}
-NT_BASES = "ca wo sha ai* do does did is* are* was* were* have* has* had could would should might must need ought may dare*"
+NT_BASES = ("ca wo sha ai* do does did is* are* was* were* have* has* had could would should might must need ought "
+            "may dare*")
 WHOLE = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"), "let's": ("let", "'s"),
          "y'all": ("y'", "all"), "c'mon": ("c'm", "on"), "i'ma": ("i", "'m", "a")}
 NOT_WITHOUT_APOSTROPHE = {"its", "ill", "well", "hell", "shell", "were", "shed", "lets", "cmon", "whore", "heres"}
@@ -92,7 +93,8 @@ ABBREVIATIONS = ("Mr. Mrs. Ms. Dr. Prof. St. Mt. Jr. Gen. Gov. Sen. Rep. Rev. Ad
                  "Ala. Ariz. Ark. Del. Ga. Ia. Id. Ill. Ind. Kan. Kans. Ky. La. Mass. Md. Mich. Minn. Miss. Mo. Mont. "
                  "Neb. Nebr. Nev. Okla. Ore. Pa. Tenn. Va. Wash. Wis. and/or w/o C++").split()
 EMOTICONS = (":) :-) :)) :( :-( :(( ;) ;-) :D :-D :P :p :-P :-p :/ :-/ :| :-| :* :-* :] :-] :[ ): )-: (: (-: (; :o "
-             ":O :-o :-O :3 <3 </3 XD xD =) =( =D =] =[ =| =/ ^_^ -_- o_O O_o o.O O.o 8) 8-) :'( :') >:( :o) '' ''").split()
+             ":O :-o :-O :3 <3 </3 XD xD =) =( =D =] =[ =| =/ ^_^ -_- o_O O_o o.O O.o 8) 8-) :'( :') >:( :o) "
+             "''").split()
 
 
 def _special_cases() -> dict[str, tuple[str, ...]]:

@@ -262,7 +262,8 @@ def filter_shard(run: Run, k: int, submit, workers: int, bar) -> dict:
         outcomes, stats = future.get()
         S.merge_stats(state["stats"], stats)
         for (where, record, text, plain, _), outcome in zip(records, outcomes):
-            _route(where, record, text, plain, outcome, kept, removed, state, exact, sigs, sources)
+            _route(where, record, text, plain, outcome, run.cfg.text_field, kept, removed, state, exact, sigs,
+                   sources)
 
     counted = 0
     with committed(kept, removed):
@@ -279,8 +280,7 @@ def filter_shard(run: Run, k: int, submit, workers: int, bar) -> dict:
         bar.update(sum(f.stat().st_size for f in run.shards[k]) - counted)   # estimates -> the files' sizes
     if not final:
         save_npy(run.work / f"{run.name(k)}.exact.npy",
-                 np.frombuffer(b"".join(exact), dtype=np.uint8).reshape(len(exact), 16) if exact
-                 else np.zeros((state["kept"] if run.dedup["exact"] else 0, 16), np.uint8))
+                 np.frombuffer(b"".join(exact), dtype=np.uint8).reshape(len(exact), 16))
         save_npy(run.work / f"{run.name(k)}.sig.npy", np.stack(sigs) if sigs
                  else np.zeros((0, run.dedup["num_perm"]), np.uint32))
         (run.work / f"{run.name(k)}.sources.txt").write_text("".join(s + "\n" for s in sources), encoding="utf-8")
@@ -290,13 +290,13 @@ def filter_shard(run: Run, k: int, submit, workers: int, bar) -> dict:
     return state
 
 
-def _route(where, record, text, plain, outcome, kept, removed, state, exact, sigs, sources):
+def _route(where, record, text, plain, outcome, text_field, kept, removed, state, exact, sigs, sources):
     removal, new_text, meta, ex, sig = outcome
     if new_text is not None:
         if not plain:
             raise DataError(f"{where}: c4/redact would rewrite a chat or preference record; run them on text "
                             "records only")
-        record = {**record, "text": new_text}
+        record = {**record, text_field: new_text}
     prior = record.get("curate") if isinstance(record.get("curate"), dict) else {}
     record = {**record, "curate": {**{k: v for k, v in prior.items() if k != "removed"}, "source": where, **meta}}
     if removal is not None:

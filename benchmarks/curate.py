@@ -12,7 +12,8 @@ steps. Both get `--workers` processes over the same `--files` input files.
 
 Corpus: lmfoundry.curate.synth.corpus (deterministic): English and Korean prose, each kind of
 junk, exact and near copies; written once to --data (reused when it is there). Each side runs in
-its own subprocess (datatrove needs `pip install datatrove orjson "xxhash<4"`: its xxhash
+its own subprocess, which also gives its CPU time (user + system, all its processes; less
+sensitive than wall time to other load on a shared machine) (datatrove needs `pip install datatrove orjson "xxhash<4"`: its xxhash
 wrapper passes str, which xxhash 4.1 refuses); measured: wall time, documents/s over the input,
 and the peak of the summed resident memory (RSS) of the side's process tree, sampled every 50 ms
 from /proc (Linux). The kept counts differ by design: datatrove's English settings drop the Korean prose, which
@@ -135,7 +136,9 @@ def _tree_rss(root: int) -> int:
 
 
 def measure(argv: list[str]) -> dict:
+    import resource
     peak = [0]
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 
@@ -148,10 +151,12 @@ def measure(argv: list[str]) -> dict:
     out, _ = proc.communicate()
     seconds = time.perf_counter() - t0
     sampler.join()
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"{argv[3]} side failed (exit {proc.returncode})")
     kept, korean = (int(x) for x in out.strip().splitlines()[-1].split())
-    return {"seconds": seconds, "peak_rss": peak[0], "kept": kept, "kept_korean": korean}
+    return {"seconds": seconds, "peak_rss": peak[0], "kept": kept, "kept_korean": korean,
+            "cpu": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
 
 
 def main():
@@ -181,11 +186,11 @@ def main():
         subprocess.run(["rm", "-rf", str(out)], check=True)
         results[side] = r = measure([sys.executable, __file__, "--side", side, "--data", str(data), "--out", str(out),
                                      "--workers", str(args.workers), "--files", str(args.files)])
-        print(f"{side:>10}: {r['seconds']:7.1f} s  {n / r['seconds']:8.0f} docs/s  peak RSS "
+        print(f"{side:>10}: {r['seconds']:7.1f} s  {n / r['seconds']:8.0f} docs/s  {r['cpu']:7.1f} CPU-s  peak RSS "
               f"{r['peak_rss'] / 2**20:7.0f} MiB  kept {r['kept']:,} ({r['kept_korean']:,} Korean)", flush=True)
     d, o = results["datatrove"], results["ours"]
     print(f"ratio (ours vs datatrove): throughput x{d['seconds'] / o['seconds']:.2f}, "
-          f"peak RSS x{o['peak_rss'] / d['peak_rss']:.2f}")
+          f"CPU time x{o['cpu'] / d['cpu']:.2f}, peak RSS x{o['peak_rss'] / d['peak_rss']:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ steps. Both get `--workers` processes over the same `--files` input files.
 
 Corpus: lmfoundry.curate.synth.corpus (deterministic): English and Korean prose, each kind of
 junk, exact and near copies; written once to --data (reused when it is there). Each side runs in
-its own subprocess, which also gives its CPU time (user + system, all its processes; less
-sensitive than wall time to other load on a shared machine) (datatrove needs `pip install datatrove orjson "xxhash<4"`: its xxhash
+its own subprocess; its CPU time (user + system over its processes, sampled with the memory) is
+less sensitive than wall time to other load on a shared machine (datatrove needs `pip install datatrove orjson "xxhash<4"`: its xxhash
 wrapper passes str, which xxhash 4.1 refuses); measured: wall time, documents/s over the input,
 and the peak of the summed resident memory (RSS) of the side's process tree, sampled every 50 ms
 from /proc (Linux). The kept counts differ by design: datatrove's English settings drop the Korean prose, which
@@ -111,52 +111,57 @@ def _kept(folder: Path) -> str:
 
 # ---------------------------------------------------------------- measuring a process tree
 
-def _tree_rss(root: int) -> int:
-    """Sum of VmRSS (bytes) over `root` and all its descendants."""
+def _tree(root: int) -> tuple[int, dict[int, float]]:
+    """(summed VmRSS in bytes, {pid: CPU seconds so far}) over `root` and all its descendants."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/status") as f:
                 status = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         pid, ppid = int(entry), int(fields["PPid"])
         children.setdefault(ppid, []).append(pid)
         rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, stack = 0, [root]
+        cpu[pid] = (int(stat[11]) + int(stat[12])) / tick          # utime + stime
+    total, seen, stack = 0, {}, [root]
     while stack:
         pid = stack.pop()
         total += rss.get(pid, 0)
+        seen[pid] = cpu.get(pid, 0.0)
         stack += children.get(pid, [])
-    return total
+    return total, seen
 
 
 def measure(argv: list[str]) -> dict:
-    import resource
-    peak = [0]
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak, cpu = [0], {}
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            rss, seen = _tree(proc.pid)
+            peak[0] = max(peak[0], rss)
+            for pid, seconds in seen.items():
+                cpu[pid] = max(cpu.get(pid, 0.0), seconds)
             time.sleep(0.05)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, _ = proc.communicate()
     seconds = time.perf_counter() - t0
     sampler.join()
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"{argv[3]} side failed (exit {proc.returncode})")
     kept, korean = (int(x) for x in out.strip().splitlines()[-1].split())
-    return {"seconds": seconds, "peak_rss": peak[0], "kept": kept, "kept_korean": korean,
-            "cpu": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
+    return {"seconds": seconds, "peak_rss": peak[0], "kept": kept, "kept_korean": korean, "cpu": sum(cpu.values())}
 
 
 def main():

@@ -507,6 +507,9 @@ def build_parser():
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.set_defaults(fn=cmd_quickstart)
+
+    from .curate.cli import add_parser as add_data_parser
+    add_data_parser(sub)
     return p
 
 

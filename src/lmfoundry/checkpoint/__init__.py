@@ -1,6 +1,6 @@
 """Hugging Face checkpoint directories in and out.
 
-    read_checkpoint(path)  -> ModelConfig, Format, lazy canonical tensors (nothing loaded yet)
+    read_checkpoint(path)  -> ModelConfig, Format, lazy canonical tensors (nothing loaded yet); a .gguf too
     load_model(path)       -> Transformer
     save_model(model, path, format=...)
     write_checkpoint(path, cfg, tensors, format=...)   streaming, one writer for everything
@@ -25,6 +25,9 @@ __all__ = ["read_config", "read_checkpoint", "load_model", "save_model", "write_
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, Format]:
+    if str(path).lower().endswith(".gguf"):   # a GGUF file (llama.cpp, Ollama): checkpoint/gguf.py
+        from .gguf import read_gguf_config
+        return read_gguf_config(path)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -38,6 +41,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, Format]:
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, Format, dict[str, Callable[[], torch.Tensor]]]:
     """Config, format and canonical name -> loader of each tensor, after checking that every
     tensor the config needs is present with the right shape and nothing unexpected is."""
+    if str(path).lower().endswith(".gguf"):   # dequantized on load: checkpoint/gguf.py
+        from .gguf import read_gguf
+        return read_gguf(path)
     cfg, fmt = read_config(path)
     lazy = LazyTensors(path)
     shapes = cfg.shapes()

@@ -14,7 +14,7 @@ from .errors import LMFoundryError
 
 
 def _model_arg(p):
-    p.add_argument("model", help="a Hugging Face checkpoint directory")
+    p.add_argument("model", help="a Hugging Face checkpoint directory or a .gguf file")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
 
@@ -116,10 +116,20 @@ def cmd_chat(args):
 
 def cmd_convert(args):
     from .checkpoint import convert
+    from .checkpoint.gguf import export_gguf, import_gguf, is_gguf
     t0 = time.perf_counter()
-    out = convert(args.src, args.dst, to=args.to, dtype=None if args.dtype == "auto" else args.dtype,
-                  max_shard_size=args.max_shard_size, overwrite=args.force)
-    print(f"wrote {out} ({args.to}) in {time.perf_counter() - t0:.1f}s")
+    dtype = None if args.dtype == "auto" else args.dtype
+    to = args.to or ("gguf" if is_gguf(args.dst) else None if is_gguf(args.src) else "")
+    if to == "":
+        raise LMFoundryError("give --to (llama, mistral, solar, exaone, openelm or gguf)")
+    if to == "gguf":
+        out = export_gguf(args.src, args.dst, quant=args.quant, overwrite=args.force)
+    elif is_gguf(args.src):
+        out = import_gguf(args.src, args.dst, to=to, dtype=dtype, max_shard_size=args.max_shard_size,
+                          overwrite=args.force)
+    else:
+        out = convert(args.src, args.dst, to=to, dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.force)
+    print(f"wrote {out} ({to or 'format of the GGUF'}) in {time.perf_counter() - t0:.1f}s")
 
 
 def cmd_info(args):
@@ -347,10 +357,13 @@ def build_parser():
     _sampling_args(c, max_new_tokens=256, temperature=0.7)
     c.set_defaults(fn=cmd_chat)
 
-    v = sub.add_parser("convert", help="rewrite a checkpoint in another architecture's format")
-    v.add_argument("src")
-    v.add_argument("dst")
-    v.add_argument("--to", required=True, choices=["llama", "mistral", "solar", "exaone", "openelm"])
+    v = sub.add_parser("convert", help="rewrite a checkpoint in another architecture's format, or to/from GGUF")
+    v.add_argument("src", help="a checkpoint directory or a .gguf file")
+    v.add_argument("dst", help="a directory, or OUT.gguf")
+    v.add_argument("--to", choices=["llama", "mistral", "solar", "exaone", "openelm", "gguf"],
+                   help="target format (default: gguf for DST.gguf, the file's own for a .gguf SRC)")
+    v.add_argument("--quant", default=None, help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 "
+                   "(default: the checkpoint's dtype; norms stay f32)")
     v.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep)")
     v.add_argument("--max-shard-size", default="5GB")
     v.add_argument("--force", action="store_true", help="replace DST if it exists")

@@ -89,6 +89,14 @@ def require_gguf():
     return gguf
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
 def is_gguf(path) -> bool:
     return str(path).lower().endswith(".gguf")
 
@@ -113,7 +121,7 @@ def quant_types() -> dict[str, str]:
             gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][0]), np.float32), qtype)
             out[name] = "" if type_name in FILE_TYPES else "no single-type file"
         except NotImplementedError:
-            out[name] = f"the gguf library {getattr(gguf, '__version__', '')} cannot quantize to {type_name}"
+            out[name] = f"the gguf library {_version()} cannot quantize to {type_name}"
     return out
 
 
@@ -317,7 +325,8 @@ def _tokenizer_metadata(w, src, cfg: ModelConfig):
     eos = [e for e in eos if e is not None]
     if len(eos) > 3:
         warnings.warn(f"{src}: GGUF holds three end-of-generation ids (eos, eot, eom); kept {eos[:3]}", stacklevel=3)
-    for add, value in ((w.add_bos_token_id, cfg.bos_token_id), (w.add_pad_token_id, cfg.pad_token_id),
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else tok.pad_token_id   # OpenELM's config has none
+    for add, value in ((w.add_bos_token_id, cfg.bos_token_id), (w.add_pad_token_id, pad),
                        *zip((w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id), eos)):
         if value is not None:
             add(value)

@@ -335,7 +335,7 @@ def cmd_serve(args):
           max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
           max_model_len=args.max_model_len, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
-          log_level=args.log_level)
+          log_level=args.log_level, allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
 
 
 def build_parser():
@@ -491,8 +491,8 @@ def build_parser():
     _model_arg(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 "
-                    "(default: $LMFOUNDRY_API_KEY, else no key)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics, "
+                    "and a browser login (key as password) for the chat page (default: $LMFOUNDRY_API_KEY, else none)")
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
     sv.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond the batch; "
                     "more get 429")
@@ -504,6 +504,10 @@ def build_parser():
     sv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get "
                     "to finish on SIGTERM before they are cancelled")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="a host name the server "
+                    "may be reached under besides IP addresses and localhost (DNS-rebinding check; repeatable)")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="an origin whose pages "
+                    "may call the API, e.g. http://localhost:3000 ('*' for any; default: none; repeatable)")
     sv.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="describe a checkpoint directory or a preset")

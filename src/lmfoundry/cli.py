@@ -152,6 +152,12 @@ def cmd_info(args):
         print(f"{k:>18}  {v}")
 
 
+def cmd_plot(args):
+    from .plots import plot_runs
+    for path in plot_runs(args.runs, args.out, x=args.x):
+        print(f"wrote {path}")
+
+
 def cmd_presets(args):
     from .config import PRESETS, ModelConfig
     for name in PRESETS:
@@ -515,6 +521,12 @@ def build_parser():
     i.set_defaults(fn=cmd_info)
 
     sub.add_parser("presets", help="list model presets and their parameter counts").set_defaults(fn=cmd_presets)
+
+    pl = sub.add_parser("plot", help="loss, learning-rate and throughput curves of training runs as PNGs")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output directories (their metrics.jsonl)")
+    pl.add_argument("--out", default=".", help="directory for loss.png, lr.png, throughput.png (default: .)")
+    pl.add_argument("--x", default="step", choices=["step", "tokens"], help="x axis (default: step)")
+    pl.set_defaults(fn=cmd_plot)
 
     q = sub.add_parser("quickstart", help="the SOLAR recipe end to end on generated data, with a report "
                        "(the main job; a rerun resumes where it stopped)")

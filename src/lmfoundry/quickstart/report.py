@@ -12,6 +12,8 @@ import platform
 import time
 from pathlib import Path
 
+from ..plots import loss_curves, pyplot
+from ..plots import series as plot_series
 from .pipeline import STAGES, fmt_seconds
 
 EVALS = [("base", "base", "pretrained base"), ("upscaled", "upscaled", "up-scaled, before training"),
@@ -126,11 +128,8 @@ def _verdict(results: list[str]) -> str:
 
 def write_plots(out: Path, stages: dict) -> list[str]:
     """PNG plots in out/plots; returns their names ([] when matplotlib is missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -138,17 +137,13 @@ def write_plots(out: Path, stages: dict) -> list[str]:
     names = []
 
     def series(stage, key, x="step"):
-        rows = [r for r in stages[stage]["metrics"] if key in r]
-        return [r[x] for r in rows], [r[key] for r in rows]
+        return plot_series(stages[stage]["metrics"], key, x)
 
     # 1. training curves: thin line = training loss, dots = held-out, one colour per run
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
 
     def pair(ax, stage, label, color, x="step", scale=1.0):
-        xs, ys = series(stage, "loss", x)
-        ax.plot([v * scale for v in xs], ys, lw=1, alpha=0.6, color=color, label=f"{label}, train")
-        xs, ys = series(stage, "eval_loss", x)
-        ax.plot([v * scale for v in xs], ys, "o-", ms=3, color=color, label=f"{label}, held-out")
+        loss_curves(ax, stages[stage]["metrics"], label, color, x, scale)
 
     pair(axes[0][0], "base", "base", "black")
     axes[0][0].set(title="pretraining the base", xlabel="step", ylabel="loss (nats/token)")

@@ -243,19 +243,30 @@ def export_gguf(src, out, quant: str | None = None, overwrite: bool = False, pro
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        from tqdm import tqdm
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"GGUF {quant}", disable=not progress) as bar:
-            for name in list(specs) + list(extra):
-                data = encode(name)
-                w.write_tensor_data(data)
-                bar.update(data.nbytes)
-                del data
+        _write_pipelined(w, list(specs) + list(extra), encode, total, f"GGUF {quant}", progress)
         w.close()
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _write_pipelined(w, names: list[str], encode, total: int, desc: str, progress: bool):
+    """Write tensors in order while the next one is read and encoded on a second thread. Held at
+    once: the tensor being written and the next one being made, at most two of the largest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+    with ThreadPoolExecutor(1) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                                              disable=not progress) as bar:
+        pending = pool.submit(encode, names[0])
+        for k in range(len(names)):
+            data = pending.result()
+            pending = pool.submit(encode, names[k + 1]) if k + 1 < len(names) else None
+            w.write_tensor_data(data)
+            bar.update(data.nbytes)
+            del data
 
 
 def _encode(t: torch.Tensor, qtype, gguf) -> np.ndarray:

@@ -16,7 +16,6 @@ side-by-side alternative is the copy itself.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from lmfoundry.checkpoint import write_checkpoint  # noqa: E402
 from lmfoundry.config import ModelConfig  # noqa: E402
 from lmfoundry.demo import train_demo_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scale import timed as scale_timed  # noqa: E402
 
 QUANTIZE_ONLY = """
 import sys, time, torch, gguf
@@ -47,22 +49,14 @@ print(spent)
 """
 
 
-def timed(cmd: list[str], repeat: int = 1) -> tuple[float, float, str]:
-    """(median wall seconds, peak RSS MB, stdout) of a command run `repeat` times, from GNU time;
-    `sync` first each time, so no run pays for the previous one's writeback."""
-    runs = sorted(_timed_once(cmd) for _ in range(repeat))
-    return runs[len(runs) // 2]
-
-
-def _timed_once(cmd: list[str]) -> tuple[float, float, str]:
-    subprocess.run(["sync"], check=True)
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
-    h, m, s = wall.groups()
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return int(h or 0) * 3600 + int(m) * 60 + float(s), rss / 1024, proc.stdout
+def timed(cmd: list[str], repeat: int = 1) -> tuple[float, float]:
+    """(median wall seconds, peak RSS MB) of a command run `repeat` times under GNU time; `sync`
+    first each time, so no run pays for the previous one's writeback."""
+    runs = []
+    for _ in range(repeat):
+        subprocess.run(["sync"], check=True)
+        runs.append(scale_timed(cmd))
+    return sorted(runs)[len(runs) // 2]
 
 
 def make_checkpoint(path: Path, size_mb: float) -> ModelConfig:
@@ -92,8 +86,8 @@ def main():
     py, cli = sys.executable, str(Path(sys.executable).with_name("lmfoundry"))
     shard = sorted(src.glob("*.safetensors"))[0]
     timed(["cp", str(shard), str(work / "copy")])                    # warm the page cache
-    cp_s, cp_rss, _ = timed(["cp", str(shard), str(work / "copy")], args.repeat)
-    base_s, base_rss, _ = timed([py, "-c", "import torch, gguf, lmfoundry.checkpoint.gguf, tqdm"], args.repeat)
+    cp_s, _ = timed(["cp", str(shard), str(work / "copy")], args.repeat)
+    base_s, base_rss = timed([py, "-c", "import torch, gguf, lmfoundry.checkpoint.gguf, tqdm"], args.repeat)
     print(f"checkpoint: {nbytes / 1e9:.2f} GB fp32, {cfg.n_layers} layers, largest tensor {largest:.0f} MiB; "
           f"cp {cp_s:.2f} s; a Python process that only imports torch, gguf and lmfoundry: {base_s:.2f} s, "
           f"{base_rss:.0f} MiB (median of {args.repeat})")
@@ -101,13 +95,15 @@ def main():
     print(f"{'job':<22}{'seconds':>9}{'peak RSS MiB':>14}{'vs cp':>8}{'1.5 cp + quantizer':>20}{'RSS ok':>8}")
     for quant in args.quants.split(","):
         out = work / f"m-{quant}.gguf"
-        secs, rss, _ = timed([cli, "convert", str(src), str(out), "--quant", quant, "--force"], args.repeat)
-        q_s = float(timed([py, "-c", QUANTIZE_ONLY, str(src), quant])[2]) if quant != "f32" else 0.0
+        secs, rss = timed([cli, "convert", str(src), str(out), "--quant", quant, "--force"], args.repeat)
+        q_s = float(subprocess.run([py, "-c", QUANTIZE_ONLY, str(src), quant], capture_output=True, text=True,
+                                   check=True).stdout) if quant != "f32" else 0.0
         limit = 1.5 * cp_s + q_s
         print(f"{'export ' + quant:<22}{secs:>9.2f}{rss:>14.0f}{secs / cp_s:>7.2f}x{limit:>19.2f}s"
               f"{'yes' if rss <= 2 * largest + base_rss else 'NO':>8}   (quantizer alone {q_s:.2f} s, "
-              f"file {out.stat().st_size / 1e9:.2f} GB)")
-        secs, rss, _ = timed([cli, "convert", str(out), str(work / f"back-{quant}"), "--to", "llama",
+              f"file {out.stat().st_size / 1e9:.2f} GB; without the Python start-up: {secs - base_s:.2f} s, "
+              f"{(secs - base_s) / cp_s:.2f}x cp)")
+        secs, rss = timed([cli, "convert", str(out), str(work / f"back-{quant}"), "--to", "llama",
                               "--dtype", "float32", "--force"])
         print(f"{'import ' + quant:<22}{secs:>9.2f}{rss:>14.0f}{secs / cp_s:>7.2f}x")
         shutil.rmtree(work / f"back-{quant}")

@@ -68,7 +68,8 @@ def test_export_writes_llama_metadata_tokenizer_and_permuted_qk(demo_dir, tmp_pa
     cfg, _, loaders = read_checkpoint(demo_dir)
     tok = load_tokenizer(demo_dir)
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 0
-    assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.feed_forward_length"]) == (2, 64, 128)
+    sizes = ("block_count", "embedding_length", "feed_forward_length")
+    assert [meta[f"llama.{k}"] for k in sizes] == [2, 64, 128]
     assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (4, 2)
     assert meta["llama.rope.dimension_count"] == 16 and meta["llama.rope.freq_base"] == 10000.0
     assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
@@ -230,6 +231,11 @@ def test_cli_converts_both_ways_and_commands_take_a_gguf(demo_dir, tmp_path, cap
     assert "parameters" in capsys.readouterr().out
     assert main(["generate", str(gguf_path), "Depth", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("Depth")
+    blob = tmp_path / "blobs" / ("sha256-" + "0" * 64)     # Ollama's store: a GGUF without a suffix
+    blob.parent.mkdir()
+    shutil.copy(gguf_path, blob)
+    assert main(["convert", str(blob), str(tmp_path / "from-ollama"), "--to", "llama"]) == 0
+    assert torch.equal(load_model(blob).embed.weight, load_model(tmp_path / "from-ollama").embed.weight)
 
 
 def test_sentencepiece_vocabulary_encodes_like_transformers_gguf_tokenizer(demo_dir, tmp_path):
@@ -238,8 +244,8 @@ def test_sentencepiece_vocabulary_encodes_like_transformers_gguf_tokenizer(demo_
     (always a space prefix, as Llama 2's tokenizer.json does) differ, and we follow llama.cpp."""
     transformers = pytest.importorskip("transformers")
     out = export_gguf(demo_dir, tmp_path / "m.gguf", quant="f32", progress=False)
-    pieces = ["▁", "t", "h", "e", "a", "c", "n", "i", "s", "▁t", "he", "▁the", "at", "▁c", "▁cat", "in", "▁in",
-              "▁a", "▁h", "▁hat", "is", "▁is", "▁at", "▁thin"]
+    pieces = ["▁", "t", "h", "e", "a", "c", "n", "i", "s", "▁t", "he", "▁the", "at", "▁c", "▁cat", "in",
+              "▁in", "▁a", "▁h", "▁hat", "is", "▁is", "▁at", "▁thin"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * len(pieces),

@@ -14,7 +14,7 @@ from .errors import LMFoundryError
 
 
 def _model_arg(p):
-    p.add_argument("model", help="a Hugging Face checkpoint directory or a .gguf file")
+    p.add_argument("model", help="a Hugging Face checkpoint directory or a GGUF file")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
 

@@ -49,8 +49,8 @@ def _token_str(value, where: str) -> str | None:
 
 def load_tokenizer(path) -> Tokenizer:
     """Load tokenizer.json, tokenizer_config.json, special_tokens_map.json and the chat template from `path`."""
-    if str(path).lower().endswith(".gguf"):   # rebuilt from the file's metadata
-        from .checkpoint.gguf import gguf_tokenizer
+    from .checkpoint.gguf import gguf_tokenizer, is_gguf
+    if is_gguf(path):   # rebuilt from the file's metadata
         return gguf_tokenizer(path)
     path = Path(path)
     if not path.is_dir():

@@ -25,8 +25,8 @@ __all__ = ["read_config", "read_checkpoint", "load_model", "save_model", "write_
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, Format]:
-    if str(path).lower().endswith(".gguf"):   # a GGUF file (llama.cpp, Ollama): checkpoint/gguf.py
-        from .gguf import read_gguf_config
+    from .gguf import is_gguf, read_gguf_config
+    if is_gguf(path):   # a GGUF file (llama.cpp, Ollama): checkpoint/gguf.py
         return read_gguf_config(path)
     path = Path(path)
     if not path.is_dir():
@@ -41,8 +41,8 @@ def read_config(path: str | Path) -> tuple[ModelConfig, Format]:
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, Format, dict[str, Callable[[], torch.Tensor]]]:
     """Config, format and canonical name -> loader of each tensor, after checking that every
     tensor the config needs is present with the right shape and nothing unexpected is."""
-    if str(path).lower().endswith(".gguf"):   # dequantized on load: checkpoint/gguf.py
-        from .gguf import read_gguf
+    from .gguf import is_gguf, read_gguf
+    if is_gguf(path):   # dequantized on load: checkpoint/gguf.py
         return read_gguf(path)
     cfg, fmt = read_config(path)
     lazy = LazyTensors(path)

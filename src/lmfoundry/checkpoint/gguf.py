@@ -98,7 +98,14 @@ def _version() -> str:
 
 
 def is_gguf(path) -> bool:
-    return str(path).lower().endswith(".gguf")
+    """A .gguf path, or a file that starts with GGUF's magic (Ollama's blobs/sha256-... have no suffix)."""
+    if str(path).lower().endswith(".gguf"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:   # a directory, or nothing there
+        return False
 
 
 def permute_qk(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:

@@ -11,7 +11,7 @@ gguf = pytest.importorskip("gguf")
 
 from lmfoundry import load_model, load_tokenizer, read_checkpoint  # noqa: E402
 from lmfoundry.checkpoint import convert, write_checkpoint  # noqa: E402
-from lmfoundry.checkpoint.gguf import export_gguf, import_gguf, permute_qk  # noqa: E402
+from lmfoundry.checkpoint.gguf import export_gguf, gguf_metadata, import_gguf, permute_qk  # noqa: E402
 from lmfoundry.cli import main  # noqa: E402
 from lmfoundry.demo import make_demo_checkpoint  # noqa: E402
 from lmfoundry.errors import CheckpointError, ConfigError  # noqa: E402
@@ -258,3 +258,21 @@ def test_sentencepiece_vocabulary_encodes_like_transformers_gguf_tokenizer(demo_
     for text in ["the cat is at the hat", "thin cats in the hat  ", "안녕 the", "hat\nthe", "athe"]:
         assert ours.encode(text) == theirs(text).input_ids, text
         assert ours.decode(ours.encode(text)) == text
+
+
+def test_metadata_parser_agrees_with_gguf_reader_and_refuses_a_lying_length(demo_dir, tmp_path):
+    out = export_gguf(demo_dir, tmp_path / "m.gguf", quant="q8_0", progress=False)
+    meta, infos = gguf_metadata(out)
+    r = gguf.GGUFReader(out)
+    theirs = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert meta.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert meta[key] == pytest.approx(value) if isinstance(value, float) else meta[key] == value, key
+    assert [(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), t.n_bytes, t.data_offset)
+            for t in r.tensors] == [tuple(i) for i in infos.values()]
+    data = bytearray(out.read_bytes())
+    at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8   # past the array and element types
+    data[at:at + 8] = (2**60).to_bytes(8, "little")
+    (tmp_path / "lie.gguf").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="lie.gguf: not a valid GGUF file .an array runs past the end"):
+        read_checkpoint(tmp_path / "lie.gguf")

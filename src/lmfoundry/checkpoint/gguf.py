@@ -4,6 +4,7 @@
     read_gguf("m.gguf")                          -> ModelConfig, Format, lazy canonical tensors (dequantized on load)
     import_gguf("m.gguf", "out-dir", to="llama") a normal checkpoint directory: config.json, tokenizer.json, weights
     gguf_tokenizer("m.gguf")                     -> lmfoundry Tokenizer rebuilt from the file's vocabulary
+    gguf_metadata("m.gguf")                      -> metadata dict, tensor name -> TensorInfo (checked, cached)
 
 What llama.cpp expects (its convert_hf_to_gguf.py and src/llama-model.cpp, read to learn):
 - Llama, Mistral, SOLAR and EXAONE 3 are written as architecture `llama`. llama.cpp's `llama` rotates
@@ -17,11 +18,16 @@ What llama.cpp expects (its convert_hf_to_gguf.py and src/llama-model.cpp, read 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import mmap
 import os
+import struct
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -354,30 +360,113 @@ def _tokenizer_metadata(w, src, cfg: ModelConfig):
 
 # =============================================================================== import
 
-def _reader(path):
-    gguf = require_gguf()
+def gguf_metadata(path) -> tuple[dict, dict]:
+    """(metadata, tensor infos) of a GGUF file, parsed once per file version (loading a model reads
+    them for the weights and again for the tokenizer)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
-    try:
-        r = gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a valid GGUF file ({e})") from None
-    size = path.stat().st_size
-    for t in r.tensors:   # the reader maps the file; check every claim against it before reading a byte
-        if len(t.shape) > 4 or t.data_offset + t.n_bytes > size or t.n_elements != math.prod(int(d) for d in t.shape):
-            raise CheckpointError(f"{path}: tensor {t.name} points outside the file or has a bad shape (truncated?)")
-    return r
+    stat = path.stat()
+    return _parse(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def _meta(r) -> dict:
-    out = {}
-    for key, field in r.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        v = field.contents()
-        out[key] = v.tolist() if isinstance(v, np.ndarray) else v
-    return out
+class TensorInfo(NamedTuple):
+    name: str
+    tensor_type: object          # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]       # numpy / torch order (GGUF stores dims innermost first)
+    n_bytes: int
+    data_offset: int             # from the start of the file
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@functools.lru_cache(maxsize=2)
+def _parse(path: str, size: int, mtime_ns: int) -> tuple[dict, dict]:
+    """(metadata, tensor infos) of a GGUF file (spec: ggml's docs/gguf.md), read with plain struct
+    unpacking over a memory map: gguf-py's reader makes a numpy view per vocabulary string, which
+    takes seconds for a 128k-token vocabulary. The file is untrusted input (Ollama's CVE-2026-7482):
+    every length, count, type and offset is checked against the file before it is used."""
+    gguf = require_gguf()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else nullcontext(b"") as m:
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            if pos + n > size:
+                raise CheckpointError(f"{path}: not a valid GGUF file (truncated in its header)")
+            (v,) = struct.unpack_from(fmt, m, pos)
+            pos += n
+            return v
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            if pos + n > size:
+                raise CheckpointError(f"{path}: not a valid GGUF file (a string runs past the end)")
+            pos += n
+            try:
+                return m[pos - n:pos].decode("utf-8")
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{path}: not a valid GGUF file (a string is not UTF-8)") from None
+
+        def value(vtype: int):
+            nonlocal pos
+            if vtype == _STRING:
+                return string()
+            if vtype in _SCALARS:
+                return take(_SCALARS[vtype])
+            if vtype != _ARRAY:
+                raise CheckpointError(f"{path}: not a valid GGUF file (unknown value type {vtype})")
+            etype, count = take("<I"), take("<Q")
+            if etype in _SCALARS:
+                width = struct.calcsize(_SCALARS[etype])
+                if pos + count * width > size:
+                    raise CheckpointError(f"{path}: not a valid GGUF file (an array runs past the end)")
+                out = np.frombuffer(m, np.dtype(_SCALARS[etype]), count, pos).tolist()
+                pos += count * width
+                return out
+            if count > size - pos:   # every element takes at least a byte
+                raise CheckpointError(f"{path}: not a valid GGUF file (an array runs past the end)")
+            return [value(etype) for _ in range(count)]
+
+        if size < 24 or m[:4] != b"GGUF":
+            raise CheckpointError(f"{path}: not a valid GGUF file (no GGUF magic; big-endian files are not read)")
+        pos = 4
+        version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+        if version not in (2, 3) or n_tensors > size or n_kv > size:
+            raise CheckpointError(f"{path}: not a valid GGUF file (version {version}, {n_tensors} tensors)")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(take("<I"))
+        raw = []
+        for _ in range(n_tensors):
+            name, n_dims = string(), take("<I")
+            if n_dims > 4:
+                raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows 4)")
+            dims = [take("<Q") for _ in range(n_dims)]
+            raw.append((name, dims, take("<I"), take("<Q")))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise CheckpointError(f"{path}: general.alignment {align!r} is not a power of two")
+    start = -(-pos // align) * align
+    infos = {}
+    for name, dims, type_id, offset in raw:
+        try:
+            qtype = gguf.GGMLQuantizationType(type_id)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{path}: tensor {name} has unknown GGML type {type_id}") from None
+        n = math.prod(dims)
+        if dims and dims[0] % block or n * type_size // block > size or start + offset + n * type_size // block > size:
+            raise CheckpointError(f"{path}: tensor {name} points outside the file or has a bad shape (truncated?)")
+        if name in infos:
+            raise CheckpointError(f"{path}: tensor {name} appears twice")
+        infos[name] = TensorInfo(name, qtype, tuple(reversed(dims)), n * type_size // block, start + offset)
+    return meta, infos
 
 
 def _config(meta: dict, tensors: dict, path) -> tuple[ModelConfig, str]:
@@ -448,10 +537,8 @@ def read_gguf(path) -> tuple[ModelConfig, Format, dict]:
     """Config, format and canonical name -> loader (dequantized on demand, fp32 for quantized
     tensors), after checking every tensor the config implies is present with its shape."""
     gguf = require_gguf()
-    r = _reader(path)
-    meta = _meta(r)
-    infos = {t.name: t for t in r.tensors}
-    shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in infos.items()}
+    meta, infos = gguf_metadata(path)
+    shapes = {n: t.shape for n, t in infos.items()}
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{path}: no token_embd.weight tensor")
     cfg, arch = _config(meta, shapes, path)
@@ -501,7 +588,7 @@ def _check_type(path, info, gguf):
 def _read(path, info, gguf) -> torch.Tensor:
     """One tensor with plain file reads (a memory map would keep every page read resident)."""
     Q = gguf.GGMLQuantizationType
-    shape = tuple(int(d) for d in reversed(info.shape))
+    shape = info.shape
     buf = np.empty(info.n_bytes, np.uint8)
     with open(path, "rb") as f:
         f.seek(info.data_offset)
@@ -537,7 +624,7 @@ def read_gguf_config(path) -> tuple[ModelConfig, Format]:
 
 def tokenizer_files(path) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json (with the chat template) rebuilt from GGUF metadata."""
-    meta = _meta(_reader(path))
+    meta = gguf_metadata(path)[0]
     backend, config = _build_tokenizer(meta, path)
     return {"tokenizer.json": backend.to_str(),
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
@@ -546,7 +633,7 @@ def tokenizer_files(path) -> dict[str, str]:
 def gguf_tokenizer(path):
     """lmfoundry's Tokenizer for a .gguf file (load_tokenizer dispatches here)."""
     from ..tokenizer import Tokenizer
-    meta = _meta(_reader(path))
+    meta = gguf_metadata(path)[0]
     backend, config = _build_tokenizer(meta, path)
     special = {k: config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     return Tokenizer(backend, special, config.get("chat_template"), f"{path}: tokenizer.chat_template")
@@ -559,8 +646,10 @@ def _build_tokenizer(meta: dict, path):
     if not tokens:
         raise TokenizerError(f"{path}: no tokenizer.ggml.tokens (the file carries no vocabulary)")
     types = types or [NORMAL] * len(tokens)
-    while tokens and types[-1] == UNUSED and tokens[-1].startswith("[PAD"):   # llama.cpp's filler rows
-        tokens, types = tokens[:-1], types[:-1]
+    end = len(tokens)
+    while end and types[end - 1] == UNUSED and tokens[end - 1].startswith("[PAD"):   # llama.cpp's filler rows
+        end -= 1
+    tokens, types = tokens[:end], types[:end]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     if kind == "gpt2":

@@ -360,6 +360,29 @@ def _tokenizer_metadata(w, src, cfg: ModelConfig):
 
 # =============================================================================== import
 
+def _tensor_infos(path: str, meta: dict, raw: list, header_end: int, size: int) -> dict:
+    """TensorInfo per tensor, after checking its type, shape and bytes against the file."""
+    gguf = require_gguf()
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise CheckpointError(f"{path}: general.alignment {align!r} is not a power of two")
+    start = -(-header_end // align) * align
+    infos = {}
+    for name, dims, type_id, offset in raw:
+        try:
+            qtype = gguf.GGMLQuantizationType(type_id)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{path}: tensor {name} has unknown GGML type {type_id}") from None
+        n = math.prod(dims)
+        if dims and dims[0] % block or n * type_size // block > size or start + offset + n * type_size // block > size:
+            raise CheckpointError(f"{path}: tensor {name} points outside the file or has a bad shape (truncated?)")
+        if name in infos:
+            raise CheckpointError(f"{path}: tensor {name} appears twice")
+        infos[name] = TensorInfo(name, qtype, tuple(reversed(dims)), n * type_size // block, start + offset)
+    return infos
+
+
 def gguf_metadata(path) -> tuple[dict, dict]:
     """(metadata, tensor infos) of a GGUF file, parsed once per file version (loading a model reads
     them for the weights and again for the tokenizer)."""
@@ -388,7 +411,6 @@ def _parse(path: str, size: int, mtime_ns: int) -> tuple[dict, dict]:
     unpacking over a memory map: gguf-py's reader makes a numpy view per vocabulary string, which
     takes seconds for a 128k-token vocabulary. The file is untrusted input (Ollama's CVE-2026-7482):
     every length, count, type and offset is checked against the file before it is used."""
-    gguf = require_gguf()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else nullcontext(b"") as m:
         pos = 0
 
@@ -449,24 +471,7 @@ def _parse(path: str, size: int, mtime_ns: int) -> tuple[dict, dict]:
                 raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions (GGUF allows 4)")
             dims = [take("<Q") for _ in range(n_dims)]
             raw.append((name, dims, take("<I"), take("<Q")))
-    align = meta.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0 or align & (align - 1):
-        raise CheckpointError(f"{path}: general.alignment {align!r} is not a power of two")
-    start = -(-pos // align) * align
-    infos = {}
-    for name, dims, type_id, offset in raw:
-        try:
-            qtype = gguf.GGMLQuantizationType(type_id)
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise CheckpointError(f"{path}: tensor {name} has unknown GGML type {type_id}") from None
-        n = math.prod(dims)
-        if dims and dims[0] % block or n * type_size // block > size or start + offset + n * type_size // block > size:
-            raise CheckpointError(f"{path}: tensor {name} points outside the file or has a bad shape (truncated?)")
-        if name in infos:
-            raise CheckpointError(f"{path}: tensor {name} appears twice")
-        infos[name] = TensorInfo(name, qtype, tuple(reversed(dims)), n * type_size // block, start + offset)
-    return meta, infos
+    return meta, _tensor_infos(path, meta, raw, pos, size)
 
 
 def _config(meta: dict, tensors: dict, path) -> tuple[ModelConfig, str]:

@@ -4,7 +4,8 @@
 
 Writes a random Llama-shaped fp32 checkpoint of about --size-mb (tensor by tensor, no model
 built), then times each job as its own process under /usr/bin/time (wall seconds, peak RSS):
-  cp        the checkpoint's safetensors file copied (the disk's limit; run twice, the first warms the cache)
+  cp, dd    the checkpoint's safetensors file copied (the disk's limit; the first cp warms the cache; dd
+            copies through user space with 16 MB reads and writes, as a Python writer must)
   export    `lmfoundry convert SRC OUT.gguf --quant Q` for each Q
   quantize  gguf-py's quantizer alone over the same tensors, in memory (the "plus quantization" part)
   import    `lmfoundry convert OUT.gguf DIR --to llama` (dequantized to fp32)
@@ -87,9 +88,11 @@ def main():
     shard = sorted(src.glob("*.safetensors"))[0]
     timed(["cp", str(shard), str(work / "copy")])                    # warm the page cache
     cp_s, _ = timed(["cp", str(shard), str(work / "copy")], args.repeat)
+    # cp may copy inside the kernel (copy_file_range); dd reads and writes through user space, as we do
+    dd_s, _ = timed(["dd", f"if={shard}", f"of={work / 'copy'}", "bs=16M", "status=none"], args.repeat)
     base_s, base_rss = timed([py, "-c", "import torch, gguf, lmfoundry.checkpoint.gguf, tqdm"], args.repeat)
     print(f"checkpoint: {nbytes / 1e9:.2f} GB fp32, {cfg.n_layers} layers, largest tensor {largest:.0f} MiB; "
-          f"cp {cp_s:.2f} s; a Python process that only imports torch, gguf and lmfoundry: {base_s:.2f} s, "
+          f"cp {cp_s:.2f} s, dd {dd_s:.2f} s; a Python process that only imports torch, gguf and lmfoundry: {base_s:.2f} s, "
           f"{base_rss:.0f} MiB (median of {args.repeat})")
     print(f"RSS bound (2 x largest + baseline): {2 * largest + base_rss:.0f} MiB\n")
     print(f"{'job':<22}{'seconds':>9}{'peak RSS MiB':>14}{'vs cp':>8}{'1.5 cp + quantizer':>20}{'RSS ok':>8}")
@@ -101,8 +104,8 @@ def main():
         limit = 1.5 * cp_s + q_s
         print(f"{'export ' + quant:<22}{secs:>9.2f}{rss:>14.0f}{secs / cp_s:>7.2f}x{limit:>19.2f}s"
               f"{'yes' if rss <= 2 * largest + base_rss else 'NO':>8}   (quantizer alone {q_s:.2f} s, "
-              f"file {out.stat().st_size / 1e9:.2f} GB; without the Python start-up: {secs - base_s:.2f} s, "
-              f"{(secs - base_s) / cp_s:.2f}x cp)")
+              f"file {out.stat().st_size / 1e9:.2f} GB; {secs / dd_s:.2f}x dd; without the Python start-up: "
+              f"{secs - base_s:.2f} s, {(secs - base_s) / cp_s:.2f}x cp, {(secs - base_s) / dd_s:.2f}x dd)")
         secs, rss = timed([cli, "convert", str(out), str(work / f"back-{quant}"), "--to", "llama",
                               "--dtype", "float32", "--force"])
         print(f"{'import ' + quant:<22}{secs:>9.2f}{rss:>14.0f}{secs / cp_s:>7.2f}x")

@@ -92,8 +92,8 @@ def main():
     dd_s, _ = timed(["dd", f"if={shard}", f"of={work / 'copy'}", "bs=16M", "status=none"], args.repeat)
     base_s, base_rss = timed([py, "-c", "import torch, gguf, lmfoundry.checkpoint.gguf, tqdm"], args.repeat)
     print(f"checkpoint: {nbytes / 1e9:.2f} GB fp32, {cfg.n_layers} layers, largest tensor {largest:.0f} MiB; "
-          f"cp {cp_s:.2f} s, dd {dd_s:.2f} s; a Python process that only imports torch, gguf and lmfoundry: {base_s:.2f} s, "
-          f"{base_rss:.0f} MiB (median of {args.repeat})")
+          f"cp {cp_s:.2f} s, dd {dd_s:.2f} s; a Python process that only imports torch, gguf and lmfoundry: "
+          f"{base_s:.2f} s, {base_rss:.0f} MiB (median of {args.repeat})")
     print(f"RSS bound (2 x largest + baseline): {2 * largest + base_rss:.0f} MiB\n")
     print(f"{'job':<22}{'seconds':>9}{'peak RSS MiB':>14}{'vs cp':>8}{'1.5 cp + quantizer':>20}{'RSS ok':>8}")
     for quant in args.quants.split(","):

@@ -227,6 +227,8 @@ def test_cli_converts_both_ways_and_commands_take_a_gguf(demo_dir, tmp_path, cap
     assert main(["convert", str(gguf_path), str(tmp_path / "back"), "--to", "llama", "--dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (tmp_path / "back" / "tokenizer.json").is_file()
+    assert main(["convert", str(tmp_path / "back"), str(tmp_path / "bf16.gguf")]) == 0   # keeps the dtype
+    assert fields(tmp_path / "bf16.gguf")[1]["blk.0.ffn_up.weight"].tensor_type.name == "BF16"
     assert main(["info", str(gguf_path)]) == 0
     assert "parameters" in capsys.readouterr().out
     assert main(["generate", str(gguf_path), "Depth", "--max-new-tokens", "3"]) == 0

@@ -200,9 +200,7 @@ def export_gguf(src, out, quant: str | None = None, overwrite: bool = False, pro
     cfg, fmt, loaders = read_checkpoint(src)
     arch = _gguf_arch(cfg, fmt, src)
     table, _, permute = ARCHS[arch]
-    if quant is None:
-        first = loaders["embed.weight"]().dtype
-        quant = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(first, "f32")
+    quant = quant or _source_quant(src, loaders)
     can = quant_types()
     if can.get(quant) != "":
         known = ", ".join(q for q, why in can.items() if not why)
@@ -240,6 +238,7 @@ def export_gguf(src, out, quant: str | None = None, overwrite: bool = False, pro
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    w = None
     try:
         w = gguf.GGUFWriter(tmp, arch)
         _metadata(w, arch, cfg, Path(src).name.removesuffix(".gguf"))
@@ -260,9 +259,23 @@ def export_gguf(src, out, quant: str | None = None, overwrite: bool = False, pro
         w.close()
         os.replace(tmp, out)
     finally:
+        if w is not None:
+            w.close()
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _source_quant(src, loaders) -> str:
+    """The checkpoint's own dtype as a --quant name: config.json's torch_dtype, else the embedding's."""
+    config = Path(src) / "config.json"
+    name = None
+    if config.is_file():
+        hf = json.loads(config.read_text(encoding="utf-8"))
+        name = hf.get("torch_dtype") or hf.get("dtype")
+    if not isinstance(name, str):
+        name = str(loaders["embed.weight"]().dtype).removeprefix("torch.")
+    return {"float16": "f16", "bfloat16": "bf16"}.get(name, "f32")
 
 
 def _write_pipelined(w, names: list[str], encode, total: int, desc: str, progress: bool):

@@ -278,3 +278,28 @@ def test_metadata_parser_agrees_with_gguf_reader_and_refuses_a_lying_length(demo
     (tmp_path / "lie.gguf").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="lie.gguf: not a valid GGUF file .an array runs past the end"):
         read_checkpoint(tmp_path / "lie.gguf")
+
+
+def test_llama_cpp_runs_our_export_like_lmfoundry(demo_dir, tmp_path):
+    """Optional (llama-cpp-python compiles llama.cpp on install, so it is not in the test extra):
+    llama.cpp itself tokenizes like us and gives the same logits and greedy tokens on our f32 export."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional)")
+    out = export_gguf(demo_dir, tmp_path / "m.gguf", quant="f32", progress=False)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False, seed=0)
+    tok = load_tokenizer(demo_dir)
+    assert llm.tokenize(SAMPLE.encode(), add_bos=True, special=True) == tok.encode(SAMPLE)
+    prompt = tok.encode("Depth up-scaling copies a base model")
+    llm.eval(prompt)
+    theirs = torch.tensor(np.array(llm.scores[: len(prompt)]))
+    with torch.no_grad():
+        ours = load_model(demo_dir)(torch.tensor([prompt]))[0]
+    assert (theirs - ours).abs().max().item() < 1e-3
+    from lmfoundry.generate import generate
+    (want,) = generate(load_model(demo_dir), [prompt], max_new_tokens=8, temperature=0, stop_ids=())
+    llm.reset()
+    got = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+        got.append(t)
+        if len(got) == len(want.tokens):
+            break
+    assert got == want.tokens

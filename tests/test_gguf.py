@@ -280,26 +280,29 @@ def test_metadata_parser_agrees_with_gguf_reader_and_refuses_a_lying_length(demo
         read_checkpoint(tmp_path / "lie.gguf")
 
 
-def test_llama_cpp_runs_our_export_like_lmfoundry(demo_dir, tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-openelm"])
+def test_llama_cpp_runs_our_export_like_lmfoundry(tmp_path, preset):
     """Optional (llama-cpp-python compiles llama.cpp on install, so it is not in the test extra):
-    llama.cpp itself tokenizes like us and gives the same logits and greedy tokens on our f32 export."""
+    llama.cpp itself tokenizes like us and gives the same logits (and greedy tokens) on our f32
+    export, for its `llama` (q/k permuted) and `openelm` (per-layer sizes) architectures."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional)")
-    out = export_gguf(demo_dir, tmp_path / "m.gguf", quant="f32", progress=False)
+    src = make_demo_checkpoint(tmp_path / "src", preset=preset)
+    out = export_gguf(src, tmp_path / "m.gguf", quant="f32", progress=False)
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False, seed=0)
-    tok = load_tokenizer(demo_dir)
+    tok, model = load_tokenizer(src), load_model(src)
     assert llm.tokenize(SAMPLE.encode(), add_bos=True, special=True) == tok.encode(SAMPLE)
     prompt = tok.encode("Depth up-scaling copies a base model")
     llm.eval(prompt)
     theirs = torch.tensor(np.array(llm.scores[: len(prompt)]))
     with torch.no_grad():
-        ours = load_model(demo_dir)(torch.tensor([prompt]))[0]
-    assert (theirs - ours).abs().max().item() < 1e-3
-    from lmfoundry.generate import generate
-    (want,) = generate(load_model(demo_dir), [prompt], max_new_tokens=8, temperature=0, stop_ids=())
-    llm.reset()
-    got = []
-    for t in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
-        got.append(t)
-        if len(got) == len(want.tokens):
-            break
-    assert got == want.tokens
+        assert (theirs - model(torch.tensor([prompt]))[0]).abs().max().item() < 1e-3
+    if preset == "tiny":
+        from lmfoundry.generate import generate
+        (want,) = generate(model, [prompt], max_new_tokens=8, temperature=0, stop_ids=())
+        llm.reset()
+        got = []
+        for t in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+            got.append(t)
+            if len(got) == len(want.tokens):
+                break
+        assert got == want.tokens

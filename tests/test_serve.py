@@ -84,7 +84,8 @@ def server(demo_dir):
 def raw(s, method, path, body=None, headers=None, timeout=10):
     """(status, parsed JSON or text) for a hand-made request."""
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=timeout)
-    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}", **(headers or {})})
+    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                                                   **(headers or {})})
     resp = conn.getresponse()
     text = resp.read().decode()
     conn.close()
@@ -252,7 +253,7 @@ def test_client_disconnect_frees_its_row(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.request("POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": True, "ignore_eos": True}),
-        {"Authorization": f"Bearer {KEY}"})
+        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     resp = conn.getresponse()
     for _ in range(3):
         resp.readline()
@@ -264,7 +265,7 @@ def test_client_disconnect_frees_its_row(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=0.5)
     conn.request("POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "ignore_eos": True}),
-        {"Authorization": f"Bearer {KEY}"})
+        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     with pytest.raises(socket.timeout):
         conn.getresponse()
     conn.close()

@@ -14,7 +14,7 @@ from .errors import LMFoundryError
 
 
 def _model_arg(p):
-    p.add_argument("model", help="a Hugging Face checkpoint directory")
+    p.add_argument("model", help="a Hugging Face checkpoint directory or a GGUF file")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
 
@@ -116,10 +116,20 @@ def cmd_chat(args):
 
 def cmd_convert(args):
     from .checkpoint import convert
+    from .checkpoint.gguf import export_gguf, import_gguf, is_gguf
     t0 = time.perf_counter()
-    out = convert(args.src, args.dst, to=args.to, dtype=None if args.dtype == "auto" else args.dtype,
-                  max_shard_size=args.max_shard_size, overwrite=args.force)
-    print(f"wrote {out} ({args.to}) in {time.perf_counter() - t0:.1f}s")
+    dtype = None if args.dtype == "auto" else args.dtype
+    to = args.to or ("gguf" if is_gguf(args.dst) else None if is_gguf(args.src) else "")
+    if to == "":
+        raise LMFoundryError("give --to (llama, mistral, solar, exaone, openelm or gguf)")
+    if to == "gguf":
+        out = export_gguf(args.src, args.dst, quant=args.quant, overwrite=args.force)
+    elif is_gguf(args.src):
+        out = import_gguf(args.src, args.dst, to=to, dtype=dtype, max_shard_size=args.max_shard_size,
+                          overwrite=args.force)
+    else:
+        out = convert(args.src, args.dst, to=to, dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.force)
+    print(f"wrote {out} ({to or 'format of the GGUF'}) in {time.perf_counter() - t0:.1f}s")
 
 
 def cmd_info(args):
@@ -140,6 +150,12 @@ def cmd_info(args):
                                                                           cfg.skip_weights) if cfg.has_skips else None)]
     for k, v in rows:
         print(f"{k:>18}  {v}")
+
+
+def cmd_plot(args):
+    from .plots import plot_runs
+    for path in plot_runs(args.runs, args.out, x=args.x):
+        print(f"wrote {path}")
 
 
 def cmd_presets(args):
@@ -325,7 +341,7 @@ def cmd_serve(args):
           max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
           max_model_len=args.max_model_len, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
-          log_level=args.log_level)
+          log_level=args.log_level, allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
 
 
 def build_parser():
@@ -347,10 +363,13 @@ def build_parser():
     _sampling_args(c, max_new_tokens=256, temperature=0.7)
     c.set_defaults(fn=cmd_chat)
 
-    v = sub.add_parser("convert", help="rewrite a checkpoint in another architecture's format")
-    v.add_argument("src")
-    v.add_argument("dst")
-    v.add_argument("--to", required=True, choices=["llama", "mistral", "solar", "exaone", "openelm"])
+    v = sub.add_parser("convert", help="rewrite a checkpoint in another architecture's format, or to/from GGUF")
+    v.add_argument("src", help="a checkpoint directory or a .gguf file")
+    v.add_argument("dst", help="a directory, or OUT.gguf")
+    v.add_argument("--to", choices=["llama", "mistral", "solar", "exaone", "openelm", "gguf"],
+                   help="target format (default: gguf for DST.gguf, the file's own for a .gguf SRC)")
+    v.add_argument("--quant", default=None, help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 "
+                   "(default: the checkpoint's dtype; norms stay f32)")
     v.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep)")
     v.add_argument("--max-shard-size", default="5GB")
     v.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -478,8 +497,8 @@ def build_parser():
     _model_arg(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 "
-                    "(default: $LMFOUNDRY_API_KEY, else no key)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics, "
+                    "and a browser login (key as password) for the chat page (default: $LMFOUNDRY_API_KEY, else none)")
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
     sv.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond the batch; "
                     "more get 429")
@@ -491,6 +510,10 @@ def build_parser():
     sv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get "
                     "to finish on SIGTERM before they are cancelled")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="a host name the server "
+                    "may be reached under besides IP addresses and localhost (DNS-rebinding check; repeatable)")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="an origin whose pages "
+                    "may call the API, e.g. http://localhost:3000 ('*' for any; default: none; repeatable)")
     sv.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="describe a checkpoint directory or a preset")
@@ -498,6 +521,12 @@ def build_parser():
     i.set_defaults(fn=cmd_info)
 
     sub.add_parser("presets", help="list model presets and their parameter counts").set_defaults(fn=cmd_presets)
+
+    pl = sub.add_parser("plot", help="loss, learning-rate and throughput curves of training runs as PNGs")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output directories (their metrics.jsonl)")
+    pl.add_argument("--out", default=".", help="directory for loss.png, lr.png, throughput.png (default: .)")
+    pl.add_argument("--x", default="step", choices=["step", "tokens"], help="x axis (default: step)")
+    pl.set_defaults(fn=cmd_plot)
 
     q = sub.add_parser("quickstart", help="the SOLAR recipe end to end on generated data, with a report "
                        "(the main job; a rerun resumes where it stopped)")

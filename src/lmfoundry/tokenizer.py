@@ -49,6 +49,9 @@ def _token_str(value, where: str) -> str | None:
 
 def load_tokenizer(path) -> Tokenizer:
     """Load tokenizer.json, tokenizer_config.json, special_tokens_map.json and the chat template from `path`."""
+    from .checkpoint.gguf import gguf_tokenizer, is_gguf
+    if is_gguf(path):   # rebuilt from the file's metadata
+        return gguf_tokenizer(path)
     path = Path(path)
     if not path.is_dir():
         raise TokenizerError(f"{path}: tokenizer directory not found")

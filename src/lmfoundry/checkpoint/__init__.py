@@ -1,7 +1,7 @@
 """Hugging Face checkpoint directories in and out.
 
     Checkpoint(path)       the directory opened for reading: .config, .format, .read(name) per tensor
-    read_checkpoint(path)  -> ModelConfig, Format, lazy canonical tensors (nothing loaded yet)
+    read_checkpoint(path)  -> ModelConfig, Format, lazy canonical tensors (nothing loaded yet); a .gguf too
     load_model(path)       -> Transformer
     save_model(model, path, format=..., tokenizer_from=...)
     write_checkpoint(path, cfg, tensors, format=...)   streaming, one writer for everything
@@ -31,6 +31,9 @@ __all__ = ["Checkpoint", "read_config", "read_checkpoint", "load_model", "save_m
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, Format]:
+    from .gguf import is_gguf, read_gguf_config
+    if is_gguf(path):   # a GGUF file (llama.cpp, Ollama): checkpoint/gguf.py
+        return read_gguf_config(path)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -116,7 +119,11 @@ def _more(names: list) -> str:
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, Format, dict[str, Callable[[], torch.Tensor]]]:
-    """Config, format and canonical name -> loader of each tensor (see Checkpoint)."""
+    """Config, format and canonical name -> loader of each tensor (see Checkpoint); a GGUF file
+    is dequantized on load (checkpoint/gguf.py)."""
+    from .gguf import is_gguf, read_gguf
+    if is_gguf(path):
+        return read_gguf(path)
     ckpt = Checkpoint(path)
     return ckpt.config, ckpt.format, ckpt.loaders()
 
@@ -129,18 +136,18 @@ def load_model(path: str | Path, dtype=None, device=None):
     """
     from ..model import Transformer, rope_inv_freq
 
-    ckpt = Checkpoint(path)
+    config, _, loaders = read_checkpoint(path)
     dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = Transformer(ckpt.config)
+        model = Transformer(config)
     state = {}
-    for name in ckpt.shapes:            # the embeddings come first and decide a dtype of None
-        t = ckpt.read(name)
+    for name, read in loaders.items():   # the embeddings come first and decide a dtype of None
+        t = read()
         dtype = dtype or t.dtype
         state[name] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = rope_inv_freq(ckpt.config).to(device)
+    model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
 
 

@@ -12,6 +12,7 @@ import platform
 import time
 from pathlib import Path
 
+from ..plots import loss_curves, pyplot, series
 from .stages import STAGES, fmt_seconds
 
 EVALS = [("base", "base", "pretrained base"), ("upscaled", "upscaled", "up-scaled, before training"),
@@ -126,11 +127,8 @@ def _verdict(results: list[str]) -> str:
 
 def write_plots(out: Path, stages: dict) -> list[str]:
     """PNG plots in out/plots; returns their names ([] when matplotlib is missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -146,8 +144,7 @@ def write_plots(out: Path, stages: dict) -> list[str]:
 
 
 def _series(stages, stage, key, x="step"):
-    rows = [r for r in stages[stage]["metrics"] if key in r]
-    return [r[x] for r in rows], [r[key] for r in rows]
+    return series(stages[stage]["metrics"], key, x)
 
 
 def _plot_training(plt, stages, ev):
@@ -155,10 +152,7 @@ def _plot_training(plt, stages, ev):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
 
     def pair(ax, stage, label, color, x="step", scale=1.0):
-        xs, ys = _series(stages, stage, "loss", x)
-        ax.plot([v * scale for v in xs], ys, lw=1, alpha=0.6, color=color, label=f"{label}, train")
-        xs, ys = _series(stages, stage, "eval_loss", x)
-        ax.plot([v * scale for v in xs], ys, "o-", ms=3, color=color, label=f"{label}, held-out")
+        loss_curves(ax, stages[stage]["metrics"], label, color, x, scale)
 
     pair(axes[0][0], "base", "base", "black")
     axes[0][0].set(title="pretraining the base", xlabel="step", ylabel="loss (nats/token)")

@@ -6,16 +6,28 @@
     POST /v1/chat/completions    messages through the checkpoint's chat template
     POST /v1/completions         prompt: text, texts, token ids; echo + logprobs scores the prompt
     GET  /health, /metrics       liveness; Prometheus text
+    GET  /                       the chat page (serve/static/chat.html: one file, no CDN, no build step)
 
 Streams are server-sent events ending in `data: [DONE]`. Errors are OpenAI's error object with
-400 (bad request), 401 (API key), 404 (model or route), 429 (queue full), 503 (shutting down)
-and 500 (our bug; the traceback goes to the server log, never to the client). Sampling
+400 (bad request), 401 (API key), 403 (Host or Origin refused), 404 (model or route), 415 (body
+not application/json), 429 (queue full), 503 (shutting down) and 500 (our bug; the traceback goes
+to the server log, never to the client).
+
+A browser must not be turned against the server (BrowserGuard): any page the user visits can send
+requests to 127.0.0.1, and DNS rebinding can make them same-origin. So the Host header must name
+this server (an IP address, localhost, the bound host or an --allowed-host), a request that carries
+an Origin must come from the server's own origin or a --cors-origin, POST bodies must be
+application/json (which a cross-site form or text/plain fetch cannot send without a preflight),
+and CORS headers go only to --cors-origin origins. --api-key guards the page (a browser login
+prompt: any user name, the key as password) and every /v1 route and /metrics. Sampling
 defaults are OpenAI's (temperature 1, top_p 1), not the checkpoint's generation_config.json.
 """
 # no `from __future__ import annotations`: FastAPI reads the route annotations (Request) at run time
 
 import asyncio
+import base64
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -243,11 +255,7 @@ class OpenAIServer:
         return list(s.encode("utf-8"))
 
     def check_auth(self, request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+        if self.api_key is not None and not key_matches(request.headers.get("authorization", ""), self.api_key):
             raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
                            "invalid_request_error", None, "invalid_api_key")
 
@@ -539,11 +547,117 @@ async def _disconnected(request) -> None:
             return
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None):
-    """The FastAPI application. Its lifespan starts the engine thread and shuts it down."""
+def key_matches(header: str, key: str) -> bool:
+    """`Bearer KEY` (OpenAI clients, the chat page) or HTTP Basic with KEY as the password (the
+    browser's own login prompt for the page, which it then repeats on the page's requests)."""
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.encode(), key.encode())
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without the port; IPv6 literals without brackets."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else ""
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class BrowserGuard:
+    """ASGI middleware refusing what a web page could make the user's browser send (module docstring).
+    It never touches the body or the stream, so disconnects still reach the routes."""
+
+    def __init__(self, app, host: str = "127.0.0.1", allowed_hosts=(), cors_origins=()):
+        self.app = app
+        self.hosts = {host_name(h) for h in allowed_hosts} | {host_name(host)}
+        self.cors = {o.rstrip("/").lower() for o in cors_origins}
+
+    def host_allowed(self, name: str) -> bool:
+        # An IP literal is safe: rebinding needs a domain name that the attacker's DNS points here.
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name == "localhost" or name.endswith(".localhost") or name in self.hosts
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        o = origin.rstrip("/").lower()
+        return "*" in self.cors or o in self.cors or o in (f"http://{host.lower()}", f"https://{host.lower()}")
+
+    def refusal(self, method: str, headers: dict) -> APIError | None:
+        host = headers.get("host", "")
+        if not self.host_allowed(host_name(host)):
+            return APIError(403, f"Host {host!r} is not allowed (DNS-rebinding protection); to serve under that name "
+                            f"start the server with --allowed-host {host_name(host) or 'NAME'}",
+                            "invalid_request_error", None, "host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin, host):
+            return APIError(403, f"Origin {origin!r} is not allowed; start the server with --cors-origin {origin} "
+                            "to let pages from there use it", "invalid_request_error", None, "origin_not_allowed")
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method == "POST" and ctype != "application/json":
+            return APIError(415, f"Request bodies must be 'Content-Type: application/json', got {ctype or 'none'!r}.",
+                            "invalid_request_error", None, "unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        cors = []
+        if origin is not None and (origin.rstrip("/").lower() in self.cors or "*" in self.cors):
+            cors = [(b"access-control-allow-origin", b"*" if "*" in self.cors else origin.encode("latin-1")),
+                    (b"vary", b"Origin"), (b"access-control-expose-headers", b"X-Request-Id")]
+        if scope["method"] == "OPTIONS" and cors and "access-control-request-method" in headers:
+            cors += [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                     (b"access-control-allow-headers", b"Authorization, Content-Type"),
+                     (b"access-control-max-age", b"600")]
+            return await _send_json(send, 204, None, cors)
+        error = self.refusal(scope["method"], headers)
+        if error is not None:
+            log.warning("refused %s %s: %s", scope["method"], scope["path"], error.message)
+            return await _send_json(send, error.status, error.body(), cors)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start" and cors:
+                message = {**message, "headers": [*message.get("headers", []), *cors]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+async def _send_json(send, status: int, body, headers) -> None:
+    data = b"" if body is None else json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def chat_page() -> str:
+    from importlib.resources import files
+    return files("lmfoundry.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, host: str = "127.0.0.1",
+               allowed_hosts=(), cors_origins=()):
+    """The FastAPI application behind BrowserGuard. Its lifespan starts the engine thread and shuts it down."""
     require_serving()
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     server = OpenAIServer(engine, tokenizer, model_name, api_key)
@@ -559,6 +673,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     app = FastAPI(title="lmfoundry", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(BrowserGuard, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
+    page = chat_page()
 
     def error(e: APIError, endpoint: str | None = None, t0: float | None = None, rid: str = "-"):
         if endpoint is not None:
@@ -596,8 +712,20 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return error(APIError(503, "the engine is not running", "service_unavailable"))
         return {"status": "ok"}
 
+    @app.get("/")
+    async def index(request: Request):
+        if api_key is not None and not key_matches(request.headers.get("authorization", ""), api_key):
+            return PlainTextResponse("This server needs its API key: log in with any user name and the key as "
+                                     "the password.\n", status_code=401,
+                                     headers={"WWW-Authenticate": 'Basic realm="lmfoundry", charset="UTF-8"'})
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        try:
+            server.check_auth(request)
+        except APIError as e:
+            return error(e)
         return PlainTextResponse(server.metrics.render(engine, model_name),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -630,7 +758,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 64, kv_budget: int | None = None, max_model_len: int | None = None,
           dtype=None, device=None,
-          served_model_name: str | None = None, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+          served_model_name: str | None = None, shutdown_timeout: float = 30.0, log_level: str = "info",
+          allowed_hosts=(), cors_origins=()) -> None:
     """Load a checkpoint and serve it until SIGINT/SIGTERM (in-flight requests finish first,
     for up to `shutdown_timeout` seconds; then they are cancelled)."""
     _, uvicorn = require_serving()
@@ -666,9 +795,12 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
              engine.cache_bytes / 2**30, max_batch, engine.context, engine.kv_budget, engine.prefill_chunk)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", host)
-    log.info("serving OpenAI API on http://%s:%d/v1 (model id %r, API key %s)", host, port, name,
-             "required" if api_key else "not required")
-    app = create_app(engine, tokenizer, name, api_key)
+    log.info("serving OpenAI API on http://%s:%d/v1 and the chat page on http://%s:%d/ (model id %r, API key %s)",
+             host, port, host, port, name, "required" if api_key else "not required")
+    if cors_origins:
+        log.info("CORS allowed for %s", ", ".join(cors_origins))
+    app = create_app(engine, tokenizer, name, api_key, host=host, allowed_hosts=allowed_hosts,
+                     cors_origins=cors_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
     server = uvicorn.Server(config)

@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 from ..checkpoint.io import read_yaml_mapping
 from ..errors import TrainError
+from .metrics import TRACKERS
 from .objectives import DPO_LOSSES
 from .schedule import SCHEDULES
 
 VERBS = ("pretrain", "sft", "dpo")
-TRACKERS = ("tensorboard", "wandb")
 
 
 # ---------------------------------------------------------------- checks: value -> problem or None

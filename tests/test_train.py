@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from lmfoundry.checkpoint import convert, load_model
 from lmfoundry.config import ModelConfig
 from lmfoundry.model import Transformer
-from lmfoundry.train import (DPO, SFT, ListBatches, NextToken, TrainConfig, TrainError, dpo_loss, lr_factor,
-                             sequence_logps, train)
+from lmfoundry.train import (DPO, SFT, ListBatches, NextToken, TrainConfig, TrainError, WholeModel, dpo_loss,
+                             evaluate_loss, lr_factor, sequence_logps, train)
 
 V = 512   # the tiny preset's vocabulary
 
@@ -316,6 +316,103 @@ def test_resume_restores_optimizer_moments_and_data_position(tmp_path):
     assert load_model(ckpt).config.shapes() == ModelConfig.from_preset("tiny").shapes()   # a loadable checkpoint
 
 
+# ---------------------------------------------------------------- plug-ins: objectives with hooks, what is trained
+
+class NoisyNextToken(NextToken):
+    """Next-token loss scaled by (1 + u), u drawn from the objective's own generator each call
+    (state only its state_dict carries across a resume), plus a weight prepare() derives from
+    the upcoming batches (so a resume must show it the same ones)."""
+
+    name = "noisy"
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(7)
+        self.forwards, self.prepared = 0, []
+
+    def prepare(self, ctx):
+        upcoming = ctx.peek(ctx.micro_batches_left)
+        self.prepared.append((ctx.resuming, ctx.micro_batches_left, len(upcoming), len(ctx.eval_batches)))
+        self.weight = 1 + len(upcoming) / 100
+
+    def __call__(self, model, batch):
+        loss, stats = super().__call__(model, batch)
+        self.forwards += 1
+        u = torch.rand((), generator=self.generator)
+        return loss * (1 + u), {"u": u * self.count(batch)}
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "forwards": self.forwards}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.forwards = state["forwards"]
+
+
+def test_an_objective_with_prepare_and_state_hooks_resumes_exactly(tmp_path):
+    data, c = pattern_batches(5, B=2), cfg(steps=8, grad_accum=2, save_every=4)
+    full = train(tiny(), ListBatches(data), NoisyNextToken(), c, tmp_path / "full", eval_batches=data[:1])
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), ListBatches(data), interrupting(NoisyNextToken, 5 * 2 + 1), c, tmp_path / "cut")
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-00000005"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["objective"] == "noisy" and state["objective_state"] == {"forwards": 10}
+    assert set(load_file(ckpt / "objective.safetensors")) == {"generator"}
+    first = [r["loss"] for r in read_metrics(tmp_path / "cut")]
+    objective = NoisyNextToken()
+    resumed = train(tiny(seed=3), ListBatches(data), objective, c, tmp_path / "cut", resume=True,
+                    eval_batches=data[:1])
+    assert objective.prepared == [(True, 3 * 2, 3 * 2, 1)] and objective.forwards == 16 + 1   # + the eval batch
+    assert first + resumed.losses == full.losses                   # exact equality
+    assert [r["u"] for r in read_metrics(tmp_path / "cut")] == [r["u"] for r in read_metrics(tmp_path / "full")]
+
+
+class OnlyNorms(WholeModel):
+    """Trains the RMSNorm gains alone; checkpoints hold only them."""
+
+    def parameters(self, model):
+        return [p for name, p in model.named_parameters() if "norm" in name]
+
+    def state_dict(self, model):
+        return {k: v for k, v in super().state_dict(model).items() if "norm" in k}
+
+    def load_state_dict(self, model, tensors):
+        from lmfoundry.train.trainable import load_full_state_dict
+        load_full_state_dict(model, tensors, strict=False)
+
+
+def test_a_custom_trainable_trains_only_its_parameters_and_resumes_exactly(tmp_path):
+    initial = tiny().state_dict()
+    norms = {k for k in initial if "norm" in k}
+    c = cfg(steps=6, save_every=3, weight_decay=0.1)
+    full = train(tiny(), ListBatches(pattern_batches(4)), NextToken(), c, tmp_path / "full", trainable=OnlyNorms())
+    final = load_model(tmp_path / "full").state_dict()
+    assert all(torch.equal(final[k], initial[k]) for k in initial if k not in norms)     # bit-identical
+    assert all(not torch.equal(final[k], initial[k]) for k in norms)
+    ckpt = tmp_path / "full" / "checkpoints" / "step-00000003"
+    assert set(load_file(ckpt / "trainable.safetensors")) == norms and not (ckpt / "config.json").exists()
+    moments = load_file(ckpt / "optimizer.safetensors")
+    assert {k.rsplit("/", 1)[0] for k in moments} == norms         # the optimizer saw nothing else
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), ListBatches(pattern_batches(4)), interrupting(NextToken, 4), c, tmp_path / "cut",
+              trainable=OnlyNorms())
+    first = [r["loss"] for r in read_metrics(tmp_path / "cut")]
+    resumed = train(tiny(), ListBatches(pattern_batches(4)), NextToken(), c, tmp_path / "cut", resume=True,
+                    trainable=OnlyNorms())
+    assert resumed.resumed_from == 4 and first + resumed.losses == full.losses
+    assert all(torch.equal(v, final[k]) for k, v in load_model(tmp_path / "cut").state_dict().items())
+
+
+def test_evaluate_loss_is_the_mean_cross_entropy_over_all_labelled_tokens():
+    model, batches = tiny(), pattern_batches(3, B=2)
+    batches[1]["labels"][:, :20] = -100                            # unequal counts: a mean of means would differ
+    logits = [model(b["input_ids"], doc_ids=b["doc_ids"]).float() for b in batches]
+    nll = torch.cat([F.cross_entropy(lg.flatten(0, 1), b["labels"].flatten(), reduction="none")[b["labels"].flatten()
+                                                                                             != -100]
+                     for lg, b in zip(logits, batches)])
+    assert evaluate_loss(model, NextToken(), batches)["eval_loss"] == pytest.approx(nll.mean().item(), rel=1e-6)
+
+
 # ---------------------------------------------------------------- bad input
 
 class NaNAfter(NextToken):
@@ -367,7 +464,8 @@ def test_bad_settings_are_one_clear_error():
 def test_continued_pretraining_keeps_format_dtype_and_tokenizer(demo_dir, tmp_path):
     src = convert(demo_dir, tmp_path / "src", to="mistral", dtype="bfloat16")
     model = load_model(src)
-    train(model, ListBatches(pattern_batches(2)), NextToken(), cfg(steps=2), tmp_path / "out")
+    train(model, ListBatches(pattern_batches(2)), NextToken(), cfg(steps=2), tmp_path / "out",
+          format="mistral", tokenizer_from=src)      # the CLI reads both from --model (test below)
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg["architectures"] == ["MistralForCausalLM"] and out_cfg["torch_dtype"] == "bfloat16"
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (demo_dir / "tokenizer.json").read_bytes()
@@ -454,6 +552,35 @@ def test_cli_config_file_is_overridden_by_flags(demo_dir, cli_data, tmp_path, ca
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     code, _, err = cli(capsys, "sft", "--config", tmp_path / "bad.yaml", "--out", tmp_path / "p")
     assert code == 1 and "unknown setting(s) for sft: stepz" in err
+
+
+def test_cli_continued_pretraining_keeps_the_sources_format_dtype_and_tokenizer(demo_dir, cli_data, tmp_path,
+                                                                               capsys):
+    src = convert(demo_dir, tmp_path / "src", to="mistral", dtype="bfloat16")
+    code, _, err = cli(capsys, "pretrain", "--model", src, "--data", cli_data / "corpus.txt", "--out", tmp_path / "o",
+                       "--tokenized", tmp_path / "tok", "--seq-len", 64, "--batch-size", 2, "--steps", 2,
+                       "--no-progress")
+    assert code == 0, err
+    out_cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert out_cfg["architectures"] == ["MistralForCausalLM"] and out_cfg["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "o" / "tokenizer.json").read_bytes() == (demo_dir / "tokenizer.json").read_bytes()
+
+
+def test_cli_checks_the_output_directory_and_joins_the_process_group_once(demo_dir, cli_data, tmp_path, capsys,
+                                                                         monkeypatch):
+    from lmfoundry.train import distributed, loop, recipe, state
+    calls = []
+
+    def counted(name, fn):
+        return lambda *a, **kw: calls.append(name) or fn(*a, **kw)
+    monkeypatch.setattr(distributed, "init_distributed", counted("init", distributed.init_distributed))
+    for module in (recipe, loop, state):
+        if hasattr(module, "prepare_out_dir"):
+            monkeypatch.setattr(module, "prepare_out_dir", counted("prepare", state.prepare_out_dir))
+    code, _, err = cli(capsys, "sft", "--model", demo_dir, "--data", cli_data / "sft.jsonl", "--out", tmp_path / "o",
+                       "--seq-len", 64, "--batch-size", 2, "--steps", 1, "--no-progress")
+    assert code == 0, err
+    assert sorted(calls) == ["init", "prepare"]
 
 
 def test_cli_preset_without_tokenizer_is_one_clear_error(cli_data, tmp_path, capsys):

@@ -220,32 +220,10 @@ def cmd_tokenize(args):
     print(f"{ds.path}: {len(ds):,} documents, {ds.num_tokens:,} tokens ({ds.dtype.name}), {what}")
 
 
-def _train_args(p, verb):
-    """Flags for pretrain/sft/dpo, built from lmfoundry.train.recipe.SETTINGS. Unset flags stay
-    out of the namespace (SUPPRESS), so --config values win over defaults and flags over both."""
-    from .train.recipe import settings_for
-    p.add_argument("--config", metavar="FILE.yaml", help="settings file (the same names as the flags); flags win")
-    for name, (kind, default, help_, _) in settings_for(verb).items():
-        flag = "--" + name.replace("_", "-")
-        shown = default.get(verb) if isinstance(default, dict) else default
-        text = help_ + (f" (default: {shown})" if shown is not None and not isinstance(shown, bool) else "")
-        if kind is None:
-            continue                                   # YAML-only settings
-        if kind is bool and default is True:
-            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                           default=argparse.SUPPRESS, help="do not: " + help_)
-        elif kind is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
-        elif kind is list:
-            p.add_argument(flag, nargs="+", metavar="FILE", default=argparse.SUPPRESS, help=text)
-        else:
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
-    p.set_defaults(fn=cmd_train, verb_name=verb)
-
-
 def cmd_train(args):
     """pretrain | sft | dpo: also under `torchrun --nproc_per_node N -m lmfoundry ...`."""
-    from .train.recipe import resolve, run
+    from .train.recipe import run
+    from .train.settings import resolve
     flags = {k: v for k, v in vars(args).items() if k not in ("fn", "verb", "verb_name", "debug", "config")}
     run(args.verb_name, resolve(args.verb_name, flags, args.config))
 
@@ -429,10 +407,11 @@ def build_parser():
     tz.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: one per CPU core)")
     tz.set_defaults(fn=cmd_tokenize)
 
+    from .train.settings import add_arguments
     for verb, help_ in (("pretrain", "pretrain or continue pretraining (next-token loss on packed documents)"),
                         ("sft", "supervised fine-tuning on chat data (loss on assistant tokens only)"),
                         ("dpo", "preference alignment with DPO (sigmoid, label smoothing) or IPO")):
-        _train_args(sub.add_parser(verb, help=help_), verb)
+        add_arguments(sub.add_parser(verb, help=help_), verb).set_defaults(fn=cmd_train, verb_name=verb)
 
     ev = sub.add_parser("eval", help="benchmarks (lm-eval prompts) on local task files, the H6 leaderboard, "
                         "or perplexity")

@@ -405,13 +405,13 @@ class Quickstart:
         import torch
 
         from ..data import PackedBatches, tokenize_corpus
-        from ..train.loop import _evaluate
+        from ..train.loop import evaluate_loss
         from ..train.objectives import NextToken
         ds = tokenize_corpus([self.data / "heldout.txt"], self.tok_dir,
                              self.work / "tokenized" / "pretrain" / "corpus-eval", progress=False)
         batches = PackedBatches({"corpus": (ds, 1.0)}, self.plan.seq_len, self.plan.batch_size, self.seed)
         eval_list = [b for _, b in zip(range(self.plan.eval_batches), batches)]
-        return _evaluate(model, NextToken(), eval_list, torch.device("cpu"), nullcontext)["eval_loss"]
+        return evaluate_loss(model, NextToken(), eval_list, torch.device("cpu"), nullcontext)["eval_loss"]
 
     def _preference_accuracy(self, model, tokenizer) -> dict:
         """Share of held-out pairs whose chosen reply the model gives more log-probability than the

@@ -1,18 +1,27 @@
-"""Training: one loop, objectives plugged in, distributed wrapping in one place.
+"""Training: one loop, objectives and what is trained plugged in, distributed wrapping in one place.
 
     from lmfoundry.train import TrainConfig, train, NextToken, SFT, DPO
     train(model, batches, NextToken(), TrainConfig(steps=1000, lr=3e-4, warmup=100), "runs/pretrain")
 
-    loop.py        train(), TrainConfig, checkpoints and exact resume, metrics
-    objectives.py  NextToken, SFT (masked next-token), DPO (sigmoid / IPO as TRL computes them)
+    loop.py        train(): the loop; evaluate_loss()
+    objectives.py  the objective protocol; NextToken, SFT (masked next-token), DPO (sigmoid / IPO as TRL)
+    trainable.py   the "what is trained" protocol; WholeModel (every weight)
+    state.py       output directory, batch-stream position, checkpoints and exact resume
+    metrics.py     metrics.jsonl, TensorBoard, W&B
+    settings.py    the one table of settings: CLI flags, YAML keys, TrainConfig
     schedule.py    warmup + cosine / WSD / constant learning rates
     distributed.py torchrun process group, DDP / FSDP2 / activation checkpointing / compile
     recipe.py      what the `pretrain`, `sft` and `dpo` commands run: model + data + objective
 """
+from ..errors import TrainError
 from .distributed import init_distributed, parallelize
-from .loop import ListBatches, TrainConfig, TrainError, TrainResult, latest_checkpoint, prepare_out_dir, train
-from .objectives import DPO, SFT, NextToken, dpo_loss, sequence_logps
+from .loop import TrainResult, evaluate_loss, train
+from .objectives import DPO, SFT, NextToken, PrepareContext, dpo_loss, sequence_logps
 from .schedule import lr_factor
+from .settings import TrainConfig
+from .state import ListBatches, RunDir, latest_checkpoint, prepare_out_dir
+from .trainable import WholeModel
 
-__all__ = ["train", "TrainConfig", "TrainResult", "TrainError", "ListBatches", "latest_checkpoint", "prepare_out_dir",
-           "NextToken", "SFT", "DPO", "dpo_loss", "sequence_logps", "lr_factor", "init_distributed", "parallelize"]
+__all__ = ["train", "evaluate_loss", "TrainConfig", "TrainResult", "TrainError", "ListBatches", "RunDir",
+           "latest_checkpoint", "prepare_out_dir", "NextToken", "SFT", "DPO", "PrepareContext", "WholeModel",
+           "dpo_loss", "sequence_logps", "lr_factor", "init_distributed", "parallelize"]

@@ -1,11 +1,32 @@
 """Training objectives: what the loop minimises, one small class each.
 
-An objective is called as `objective(model, batch) -> (loss_sum, stats)`: the loss *summed*
-over its units (labelled tokens for next-token and SFT, preference pairs for DPO) and a dict of
-summed statistics. `objective.count(batch)` is the number of units. The loop divides by the
-count over all micro-batches of a step and all ranks, so gradient accumulation and data
-parallelism give the same gradient as one big batch (transformers PR #34191 fixed the same
-normalisation bug in HF Trainer).
+The objective protocol (what train() calls; any object with these works):
+
+    name                          a short label (progress bar, trainer_state.json)
+    count(batch) -> int/Tensor    the number of loss units in a batch: labelled tokens for
+                                  next-token and SFT, preference pairs for DPO
+    tokens(batch) -> int          tokens the model reads (for throughput)
+    __call__(model, batch) -> (loss_sum, stats)
+                                  the loss *summed* over the batch's units and a dict of summed
+                                  statistics (logged divided by the same count); `model` is the
+                                  module the loop trains (DDP/FSDP-wrapped under torchrun)
+  optional hooks, called when present:
+    prepare(ctx)                  once before the first step of a run (and of a resume), with a
+                                  PrepareContext: the model, a look at the upcoming batches, the
+                                  eval batches, device/autocast, OUT/checkpoints and whether this
+                                  is a resume. Precomputation lives here (DPO's reference pass);
+                                  an online objective may keep ctx.model to sample from the policy
+                                  with lmfoundry.generate inside __call__.
+    state_dict() -> dict          objective state saved with every checkpoint: a flat dict whose
+    load_state_dict(state)        tensors go to objective.safetensors and other values to
+                                  trainer_state.json; restored on resume before prepare() (a
+                                  sampling RNG, say); rank 0's is saved. It is taken after every
+                                  completed step (so Ctrl-C mid-step saves the last complete
+                                  one): keep it cheap, and return copies of what changes in place.
+
+The loop divides the summed loss by the count over all micro-batches of a step and all ranks,
+so gradient accumulation and data parallelism give the same gradient as one big batch
+(transformers PR #34191 fixed the same normalisation bug in HF Trainer).
 
 Batches follow lmfoundry.data: `labels[b, t]` is the target at position t, -100 where nothing is
 predicted, so no shifting happens here.
@@ -13,11 +34,38 @@ predicted, so no shifting happens here.
 from __future__ import annotations
 
 import hashlib
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import TrainError
+from . import distributed as D
+
 IGNORE = -100
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass
+class PrepareContext:
+    """What an objective's prepare() gets from the loop."""
+    net: torch.nn.Module                       # what the loop calls (wrapped for DDP/FSDP)
+    model: torch.nn.Module                     # the unwrapped Transformer (fp32 master weights)
+    device: torch.device
+    peek: Callable[[int], list]                # the next n micro-batches, still trained on afterwards
+    micro_batches_left: int                    # how many micro-batches this run will still draw
+    eval_batches: list = field(default_factory=list)
+    checkpoint_dir: Path = Path("checkpoints")  # OUT/checkpoints: files an objective keeps across resumes
+    resuming: bool = False                     # the model is no longer the initial one
+    progress: bool = False                     # show bars (rank 0)
+    autocast: Callable = nullcontext
 
 
 class NextToken:
@@ -100,7 +148,7 @@ class DPO:
     right-padded, labels -100 on prompt and padding. Policy log-probs come from one forward over
     the 2B rows [chosen..., rejected...] (as TRL). Reference log-probs come from the batch
     ("ref_chosen_logps", "ref_rejected_logps" [B]) or from `self.reference`, a table filled once
-    before training by `precompute_reference` and keyed by a hash of each pair's tokens, so no
+    before training by `prepare` (the loop's hook) and keyed by a hash of each pair's tokens, so no
     reference model stays in memory during training.
     """
 
@@ -154,7 +202,7 @@ class DPO:
         try:
             pairs = [self.reference[k] for k in self.keys(batch)]
         except KeyError:
-            raise KeyError("a DPO pair has no reference log-probs (precompute_reference did not see it)") from None
+            raise KeyError("a DPO pair has no reference log-probs (prepare() did not see it)") from None
         t = torch.tensor(pairs, dtype=torch.float32, device=device)
         return t[:, 0], t[:, 1]
 
@@ -177,6 +225,41 @@ class DPO:
         for k, (c, r) in zip(tensors["keys"].tolist(), tensors["logps"].tolist()):
             self.reference[bytes(k)] = (c, r)
 
+    def prepare(self, ctx: PrepareContext):
+        """Reference log-probs of every pair this run will see (the upcoming batches and the eval
+        batches), from the initial policy, once: kept in OUT/checkpoints/dpo_reference.safetensors,
+        so a resume finds them (it no longer has the initial policy to compute them with)."""
+        from safetensors.torch import load_file, save_file
+        from tqdm.auto import tqdm
+        ref_file = ctx.checkpoint_dir / "dpo_reference.safetensors"
+        if ref_file.is_file():
+            self.load_reference_tensors(load_file(str(ref_file)))
+        upcoming = ctx.peek(ctx.micro_batches_left)
+        todo = [b for b in upcoming + list(ctx.eval_batches) if self.missing(b)]
+        rank, world = D.rank_and_world()
+        if not int(D.all_reduce_sum(torch.tensor(len(todo), dtype=torch.int64))):
+            return
+        if ctx.resuming:
+            raise TrainError(f"{ref_file}: DPO reference log-probs are missing for pairs this run will see (were "
+                             "--steps or the data changed?); the reference is the initial model, which a resume no "
+                             "longer has")
+        n = max(D.all_gather_objects(len(todo)))
+        with torch.no_grad():
+            for i in tqdm(range(n), desc="dpo reference", unit="batch", disable=not ctx.progress):
+                # under FSDP every rank must run the same number of forwards
+                batch = todo[i] if i < len(todo) else todo[-1] if todo else upcoming[0]
+                with ctx.autocast():
+                    self.add_reference(ctx.net, to_device(batch, ctx.device))
+        if world > 1:
+            for table in D.all_gather_objects(self.reference):
+                self.reference.update(table)
+        if rank == 0:
+            ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ref_file.with_name(f".{ref_file.name}.tmp")
+            save_file(self.reference_tensors(), str(tmp))
+            os.replace(tmp, ref_file)
+        D.barrier()
+
     # ---- the loss ----
     def __call__(self, model, batch):
         pc, pr, lc, lr = self.policy_logps(model, batch)
@@ -189,7 +272,3 @@ class DPO:
                  "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
         return losses.sum(), stats
 
-
-next_token = NextToken()
-sft = SFT()
-OBJECTIVES = {"pretrain": NextToken, "sft": SFT, "dpo": DPO}

@@ -16,7 +16,7 @@
 from ..errors import TrainError
 from .distributed import init_distributed, parallelize
 from .loop import TrainResult, evaluate_loss, train
-from .objectives import DPO, SFT, NextToken, PrepareContext, dpo_loss, sequence_logps
+from .objectives import DPO, SFT, NextToken, PrepareContext, dpo_loss, sequence_logps, token_logps
 from .schedule import lr_factor
 from .settings import TrainConfig
 from .state import ListBatches, RunDir, latest_checkpoint, prepare_out_dir
@@ -24,4 +24,4 @@ from .trainable import WholeModel
 
 __all__ = ["train", "evaluate_loss", "TrainConfig", "TrainResult", "TrainError", "ListBatches", "RunDir",
            "latest_checkpoint", "prepare_out_dir", "NextToken", "SFT", "DPO", "PrepareContext", "WholeModel",
-           "dpo_loss", "sequence_logps", "lr_factor", "init_distributed", "parallelize"]
+           "dpo_loss", "sequence_logps", "token_logps", "lr_factor", "init_distributed", "parallelize"]

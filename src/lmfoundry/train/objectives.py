@@ -84,10 +84,7 @@ class NextToken:
         return batch["input_ids"].numel()
 
     def __call__(self, model, batch):
-        logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
-                               reduction="sum")
-        return loss, {}
+        return -token_logps(model, batch["input_ids"], batch["labels"], batch.get("doc_ids")).sum(), {}
 
 
 class SFT(NextToken):
@@ -95,6 +92,14 @@ class SFT(NextToken):
     but on assistant tokens, so only those count (and only they are in the normaliser)."""
 
     name = "sft"
+
+
+def token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None):
+    """log p(labels[b, t] | input_ids[b, :t+1]) in fp32 [B, T], 0 where labels are -100: the one place
+    every objective gets label log-probs from the model (cross-entropy is minus their sum)."""
+    logits = model(input_ids, doc_ids=doc_ids)
+    return -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                            reduction="none").view(labels.shape)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +181,7 @@ class DPO:
         T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
         ids = torch.cat([_pad_to(batch["chosen_input_ids"], T, 0), _pad_to(batch["rejected_input_ids"], T, 0)])
         labels = torch.cat([_pad_to(batch["chosen_labels"], T, IGNORE), _pad_to(batch["rejected_labels"], T, IGNORE)])
-        logps, lengths = sequence_logps(model(ids), labels)
+        logps, lengths = token_logps(model, ids, labels).sum(-1), (labels != IGNORE).sum(-1)
         return logps[:B], logps[B:], lengths[:B], lengths[B:]
 
     # ---- the reference table ----

@@ -327,7 +327,14 @@ def build_parser():
                                 "Llama-family models as plain Hugging Face checkpoints.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    from .curate.cli import add_parser as add_data_verbs
+    for add in (_add_generation_verbs, _add_checkpoint_verbs, _add_tokenizer_verbs, _add_training_verbs,
+                _add_eval_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs):
+        add(sub)
+    return p
 
+
+def _add_generation_verbs(sub):
     g = sub.add_parser("generate", help="continue one or more prompts")
     _model_arg(g)
     g.add_argument("prompt", nargs="+")
@@ -341,6 +348,8 @@ def build_parser():
     _sampling_args(c, max_new_tokens=256, temperature=0.7)
     c.set_defaults(fn=cmd_chat)
 
+
+def _add_checkpoint_verbs(sub):
     v = sub.add_parser("convert", help="rewrite a checkpoint in another architecture's format, or to/from GGUF")
     v.add_argument("src", help="a checkpoint directory or a .gguf file")
     v.add_argument("dst", help="a directory, or OUT.gguf")
@@ -379,6 +388,14 @@ def build_parser():
     mg.add_argument("--max-shard-size", default="5GB")
     mg.set_defaults(fn=cmd_merge)
 
+    i = sub.add_parser("info", help="describe a checkpoint directory or a preset")
+    i.add_argument("model")
+    i.set_defaults(fn=cmd_info)
+
+    sub.add_parser("presets", help="list model presets and their parameter counts").set_defaults(fn=cmd_presets)
+
+
+def _add_tokenizer_verbs(sub):
     tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer; report its compression")
     tk_sub = tk.add_subparsers(dest="tokenizer_verb", required=True, metavar="ACTION")
     tt = tk_sub.add_parser("train", help="train on .txt/.jsonl/.parquet files; write tokenizer.json + "
@@ -407,12 +424,16 @@ def build_parser():
     tz.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: one per CPU core)")
     tz.set_defaults(fn=cmd_tokenize)
 
+
+def _add_training_verbs(sub):
     from .train.settings import add_arguments
     for verb, help_ in (("pretrain", "pretrain or continue pretraining (next-token loss on packed documents)"),
                         ("sft", "supervised fine-tuning on chat data (loss on assistant tokens only)"),
                         ("dpo", "preference alignment with DPO (sigmoid, label smoothing) or IPO")):
         add_arguments(sub.add_parser(verb, help=help_), verb).set_defaults(fn=cmd_train, verb_name=verb)
 
+
+def _add_eval_verbs(sub):
     ev = sub.add_parser("eval", help="benchmarks (lm-eval prompts) on local task files, the H6 leaderboard, "
                         "or perplexity")
     _model_arg(ev)
@@ -472,6 +493,8 @@ def build_parser():
     rtp.add_argument("--out", required=True, help="verdicts.jsonl (+ .summary.json)")
     rtp.set_defaults(fn=cmd_redteam)
 
+
+def _add_serving_verbs(sub):
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _model_arg(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
@@ -495,12 +518,8 @@ def build_parser():
                     "may call the API, e.g. http://localhost:3000 ('*' for any; default: none; repeatable)")
     sv.set_defaults(fn=cmd_serve)
 
-    i = sub.add_parser("info", help="describe a checkpoint directory or a preset")
-    i.add_argument("model")
-    i.set_defaults(fn=cmd_info)
 
-    sub.add_parser("presets", help="list model presets and their parameter counts").set_defaults(fn=cmd_presets)
-
+def _add_run_verbs(sub):
     pl = sub.add_parser("plot", help="loss, learning-rate and throughput curves of training runs as PNGs")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output directories (their metrics.jsonl)")
     pl.add_argument("--out", default=".", help="directory for loss.png, lr.png, throughput.png (default: .)")
@@ -515,10 +534,6 @@ def build_parser():
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.set_defaults(fn=cmd_quickstart)
-
-    from .curate.cli import add_parser as add_data_parser
-    add_data_parser(sub)
-    return p
 
 
 def main(argv=None) -> int:

@@ -652,12 +652,42 @@ def chat_page() -> str:
     return files("lmfoundry.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
+def error_response(server: "OpenAIServer", e: APIError, endpoint: str | None = None, t0: float | None = None,
+                   rid: str = "-"):
+    """An OpenAI-style JSON error (logged and counted when it ends a request to `endpoint`)."""
+    from fastapi.responses import JSONResponse
+    if endpoint is not None:
+        server.log_request(rid, endpoint, e.status, 0, 0, t0, None, e.code or e.type)
+    return JSONResponse(e.body(), status_code=e.status, headers={**e.headers, "X-Request-Id": rid})
+
+
+async def guarded(server: "OpenAIServer", request, endpoint, fn):
+    """Run a route; every failure becomes an OpenAI error response (500s without details)."""
+    from fastapi.responses import JSONResponse
+    t0 = time.perf_counter()
+    rid = {"chat": "chatcmpl-", "completions": "cmpl-"}.get(endpoint, "req-") + uuid.uuid4().hex[:24]
+    try:
+        result = await fn(rid, t0)
+    except APIError as e:
+        return error_response(server, e, endpoint, t0, rid)
+    except _ClientGone:
+        return JSONResponse({}, status_code=499)
+    except LMFoundryError as e:   # bad input found below the protocol layer
+        return error_response(server, bad(str(e)), endpoint, t0, rid)
+    except Exception:
+        log.exception("%s: %s %s failed", rid, request.method, request.url.path)
+        return error_response(server, APIError(500, "The server had an error while processing your request; see "
+                                               "its log.", "server_error"), endpoint, t0, rid)
+    if isinstance(result, dict):
+        return JSONResponse(result, headers={"X-Request-Id": rid})
+    return result
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None, host: str = "127.0.0.1",
                allowed_hosts=(), cors_origins=()):
     """The FastAPI application behind BrowserGuard. Its lifespan starts the engine thread and shuts it down."""
     require_serving()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from fastapi import FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     server = OpenAIServer(engine, tokenizer, model_name, api_key)
@@ -674,42 +704,28 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     app = FastAPI(title="lmfoundry", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_middleware(BrowserGuard, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
-    page = chat_page()
-
-    def error(e: APIError, endpoint: str | None = None, t0: float | None = None, rid: str = "-"):
-        if endpoint is not None:
-            server.log_request(rid, endpoint, e.status, 0, 0, t0, None, e.code or e.type)
-        return JSONResponse(e.body(), status_code=e.status, headers={**e.headers, "X-Request-Id": rid})
-
-    async def guarded(request, endpoint, fn):
-        """Run a route; every failure becomes an OpenAI error response (500s without details)."""
-        t0 = time.perf_counter()
-        rid = {"chat": "chatcmpl-", "completions": "cmpl-"}.get(endpoint, "req-") + uuid.uuid4().hex[:24]
-        try:
-            result = await fn(rid, t0)
-        except APIError as e:
-            return error(e, endpoint, t0, rid)
-        except _ClientGone:
-            return JSONResponse({}, status_code=499)
-        except LMFoundryError as e:   # bad input found below the protocol layer
-            return error(bad(str(e)), endpoint, t0, rid)
-        except Exception:
-            log.exception("%s: %s %s failed", rid, request.method, request.url.path)
-            return error(APIError(500, "The server had an error while processing your request; see its log.",
-                                  "server_error"), endpoint, t0, rid)
-        if isinstance(result, dict):
-            return JSONResponse(result, headers={"X-Request-Id": rid})
-        return result
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
         typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", typ))
+        return error_response(server, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                               typ))
+
+    _add_page_routes(app, server, chat_page(), api_key)
+    _add_api_routes(app, server)
+    return app
+
+
+def _add_page_routes(app, server: "OpenAIServer", page: str, api_key: str | None):
+    """/ (the chat page), /health and /metrics."""
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, PlainTextResponse
+    engine = server.engine
 
     @app.get("/health")
     async def health():
         if not engine.alive:
-            return error(APIError(503, "the engine is not running", "service_unavailable"))
+            return error_response(server, APIError(503, "the engine is not running", "service_unavailable"))
         return {"status": "ok"}
 
     @app.get("/")
@@ -725,16 +741,21 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         try:
             server.check_auth(request)
         except APIError as e:
-            return error(e)
-        return PlainTextResponse(server.metrics.render(engine, model_name),
+            return error_response(server, e)
+        return PlainTextResponse(server.metrics.render(engine, server.model_name),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _add_api_routes(app, server: "OpenAIServer"):
+    """The OpenAI-compatible /v1 routes."""
+    from fastapi import Request
 
     @app.get("/v1/models")
     async def models(request: Request):
         async def fn(rid, t0):
             server.check_auth(request)
             return server.models()
-        return await guarded(request, None, fn)
+        return await guarded(server, request, None, fn)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
@@ -742,17 +763,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             server.check_auth(request)
             server.check_model(model_id)
             return server.model_card()
-        return await guarded(request, None, fn)
+        return await guarded(server, request, None, fn)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await guarded(request, "chat", lambda rid, t0: server.handle(request, "chat", rid, t0))
+        return await guarded(server, request, "chat", lambda rid, t0: server.handle(request, "chat", rid, t0))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await guarded(request, "completions", lambda rid, t0: server.handle(request, "completions", rid, t0))
-
-    return app
+        return await guarded(server, request, "completions",
+                             lambda rid, t0: server.handle(request, "completions", rid, t0))
 
 
 def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

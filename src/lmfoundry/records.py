@@ -129,37 +129,62 @@ def _lines(path: Path, error) -> Iterator[tuple[int, bytes, int]]:
 
 # ---------------------------------------------------------------- records (dicts)
 
-def read_records(path, error=DataError) -> Iterator[tuple[str, dict]]:
-    """Yield (where, record) for every record of one file, in order; records must be objects."""
+def read_records(path, error=DataError, *, sizes: bool = False) -> Iterator:
+    """Yield (where, record) for every record of one file, in order; records must be objects.
+    With sizes=True, (where, record, bytes of the file read since the previous yield), for
+    progress bars (exact for .jsonl; spread over the rows for .parquet; all at once for .json)."""
     path = Path(path)
     fmt = kind(path)
     if not path.is_file():
         raise error(f"{path}: file not found")
     if fmt == ".jsonl":
-        for lineno, raw, _ in _lines(path, error):
-            if raw.strip():
-                yield _object(parse_json(raw, f"{path}:{lineno}", error), f"{path}:{lineno}", error)
+        items = _jsonl_records(path, error)
     elif fmt == ".json":
-        with open_binary(path, error) as f:
-            data = parse_json(_compressed_read(f, path, error), str(path), error)
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise error(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        for i, r in enumerate(data, 1):
-            yield _object(r, f"{path}: record {i}", error)
+        items = _json_records(path, error)
     elif fmt == ".parquet":
-        pf, pa = _parquet(path, error)
-        row = 0
-        try:
-            for batch in pf.iter_batches(batch_size=1024):
-                for r in batch.to_pylist():
-                    row += 1
-                    yield f"{path}: row {row}", r
-        except (pa.ArrowException, OSError) as e:
-            raise error(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+        items = _parquet_records(path, error)
     else:
         raise error(f"{path}: unsupported file type '{fmt}' (expected {', '.join(RECORD_SUFFIXES)})")
+    for item in items:
+        yield item if sizes else item[:2]
+
+
+def _jsonl_records(path: Path, error):
+    pending = 0
+    for lineno, raw, n in _lines(path, error):
+        pending += n
+        if raw.strip():
+            yield (*_object(parse_json(raw, f"{path}:{lineno}", error), f"{path}:{lineno}", error), pending)
+            pending = 0
+
+
+def _json_records(path: Path, error):
+    with open_binary(path, error) as f:
+        raw = _compressed_read(f, path, error)
+    data = parse_json(raw, str(path), error)
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise error(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    pending = len(raw)
+    for i, r in enumerate(data, 1):
+        yield (*_object(r, f"{path}: record {i}", error), pending)
+        pending = 0
+
+
+def _parquet_records(path: Path, error):
+    pf, pa = _parquet(path, error)
+    rows, size, row = max(pf.metadata.num_rows, 1), path.stat().st_size, 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024):
+            records = batch.to_pylist()
+            step = size * len(records) // rows
+            for r in records:
+                row += 1
+                yield f"{path}: row {row}", r, step
+                step = 0
+    except (pa.ArrowException, OSError) as e:
+        raise error(f"{path}: not a readable parquet file ({_first_line(e)})") from None
 
 
 def _object(record, where: str, error):
@@ -255,18 +280,9 @@ def _txt(path: Path, mode: str, error):
 
 
 def _record_texts(path: Path, text_field: str, error):
-    if kind(path) == ".json":
-        for where, record in read_records(path, error):
-            text = field(record, text_field, where, str, error)
-            if text.strip():
-                yield where, text, 0
-        return
     pending = 0
-    for lineno, raw, n in _lines(path, error):
+    for where, record, n in read_records(path, error, sizes=True):
         pending += n
-        if not raw.strip():
-            continue
-        where, record = _object(parse_json(raw, f"{path}:{lineno}", error), f"{path}:{lineno}", error)
         text = field(record, text_field, where, str, error)
         if text.strip():
             yield where, text, pending
@@ -292,3 +308,24 @@ def _parquet_texts(path: Path, text_field: str, error):
             if text.strip():
                 yield f"{path}: row {row}", text, step
                 step = 0
+
+
+# ---------------------------------------------------------------- settings files
+
+def read_yaml_mapping(path, error=DataError, expected: str = "a YAML mapping") -> tuple[dict, str]:
+    """(the mapping, its text) from a YAML file; a missing file, malformed YAML or anything but a
+    mapping raises `error` naming the file."""
+    import yaml
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise error(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data, text

@@ -297,25 +297,6 @@ def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:
     return copied
 
 
-def read_yaml_mapping(path, error=CheckpointError, expected: str = "a YAML mapping") -> tuple[dict, str]:
-    """(the mapping, its text) from a YAML file; a missing file, malformed YAML or anything but a
-    mapping raises `error` naming the file."""
-    import yaml
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise error(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected {expected}, got {type(data).__name__}")
-    return data, text
-
-
 def write_json(path: Path, data: dict):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)

@@ -143,6 +143,6 @@ def make_config(data: dict, source: str = "config", **overrides) -> Config:
 
 
 def load_config(path, **overrides) -> Config:
-    from ..checkpoint.io import read_yaml_mapping
+    from ..records import read_yaml_mapping
     data, _ = read_yaml_mapping(path, DataError)
     return make_config(data, str(path), **overrides)

@@ -63,10 +63,13 @@ def iter_docs(files: list[Path], cfg: Config, skipped: list):
                 for where, text, n in read_texts(path, txt_mode=cfg.txt_mode, sizes=True):
                     yield where, {"text": text}, text, True, n
             else:
-                for where, record in read_records(path):
+                pending = 0
+                for where, record, n in read_records(path, sizes=True):
+                    pending += n
                     text, plain = record_text(record, cfg.text_field, where)
                     if text.strip():
-                        yield where, record, text, plain, len(text.encode("utf-8", "replace"))
+                        yield where, record, text, plain, pending
+                        pending = 0
         except DataError as e:
             if not cfg.extra.get("skip_bad_files"):
                 raise

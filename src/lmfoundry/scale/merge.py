@@ -73,7 +73,8 @@ import yaml
 
 from ..checkpoint import Checkpoint, write_checkpoint
 from ..checkpoint.formats import Format, config_to_hf, weight_plan
-from ..checkpoint.io import all_finite, dtype_name, parse_dtype, read_yaml_mapping
+from ..checkpoint.io import all_finite, dtype_name, parse_dtype
+from ..records import read_yaml_mapping
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 

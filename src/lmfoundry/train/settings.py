@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..checkpoint.io import read_yaml_mapping
+from ..records import read_yaml_mapping
 from ..errors import TrainError
 from .metrics import TRACKERS
 from .objectives import DPO_LOSSES

@@ -153,6 +153,11 @@ def _dataset_files(data: Path) -> dict:
            for i in range(16)]
     out["gsm8k"] = ("gsm8k/gsm8k.yaml", {"train": _jsonl(data / "openai/gsm8k/main/train.jsonl", gsm[:6]),
                                          "test": _jsonl(data / "openai/gsm8k/main/test.jsonl", gsm[6:])}, "json")
+    out["gsm8k_cot_self_consistency"] = ("gsm8k/gsm8k-cot-self-consistency.yaml", out["gsm8k"][1], "json")
+    from lmfoundry.eval.samples import WINOGRANDE, WINOGRANDE_TRAIN
+    out["winogrande"] = ("winogrande/default.yaml", {
+        "train": _jsonl(data / "allenai/winogrande/winogrande_xl/train.jsonl", WINOGRANDE_TRAIN),
+        "validation": _jsonl(data / "allenai/winogrande/winogrande_xl/validation.jsonl", WINOGRANDE)}, "json")
     for task, cols in (("cola", ("sentence",)), ("mrpc", ("sentence1", "sentence2"))):
         rows = [{**{c: rnd.choice(EN) for c in cols}, "label": rnd.randrange(2), "idx": i} for i in range(22)]
         out[task] = (f"glue/{task}/default.yaml", {
@@ -222,7 +227,7 @@ def _compare(ours, theirs, names) -> list:
 
 KOBEST = ["kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic"]
 OTHERS = ["kmmlu_accounting", "kmmlu_direct_accounting", "haerae_general_knowledge", "lambada_openai", "wikitext",
-          "gsm8k", "cola", "mrpc"]
+          "gsm8k", "gsm8k_cot_self_consistency", "winogrande", "cola", "mrpc"]
 
 
 @pytest.mark.parametrize("shots", [0, 3])

@@ -330,7 +330,7 @@ class YamlTask:
         if otype == "loglikelihood_rolling":
             return [(self.doc_to_target(doc),)]
         if otype == "generate_until":
-            return [(ctx, dict(self.gen_kwargs))] * int(self.cfg.get("repeats", 1))
+            return [(ctx, dict(self.gen_kwargs))]   # sent `repeats` times
         delim = self.cfg.get("target_delimiter", " ")
         if chat is not None:
             gp = self.cfg.get("gen_prefix")
@@ -502,10 +502,11 @@ def _run_model(lm, tasks, chat):
             reqs = t._guard(i, "prompt", t.requests, i, doc, chat)
             kind = {"generate_until": gen, "loglikelihood_rolling": rolling}.get(t.output_type, ll_reqs)
             start = len(kind)
+            sent = reqs * int(t.cfg.get("repeats", 1)) if kind is gen else reqs
             if kind is ll_reqs:
                 ll_groups.extend([(t.name, i)] * len(reqs))
-            kind.extend(r[0] if kind is rolling else r for r in reqs)
-            per_doc.append((t, i, reqs, kind, start))
+            kind.extend(r[0] if kind is rolling else r for r in sent)
+            per_doc.append((t, i, reqs, kind, start, len(sent)))
     outs = {}
     if ll_reqs:
         outs[id(ll_reqs)] = lm.loglikelihood(ll_reqs, groups=ll_groups, desc="yaml tasks")
@@ -514,8 +515,8 @@ def _run_model(lm, tasks, chat):
     if gen:
         outs[id(gen)] = lm.generate_until(gen, desc="yaml generation")
     resps: dict = {t.name: [] for t in tasks}
-    for t, i, reqs, kind, start in per_doc:
-        resps[t.name].append((reqs, list(outs[id(kind)][start:start + len(reqs)])))
+    for t, i, reqs, kind, start, n in per_doc:
+        resps[t.name].append((reqs, list(outs[id(kind)][start:start + n])))
     return resps
 
 

@@ -8,7 +8,6 @@ each request's text), so every request must be byte-identical and every metric e
 bootstrap standard errors included: same resamples, same statistic).
 """
 import csv
-import hashlib
 import json
 import os
 import random
@@ -24,47 +23,13 @@ lm_eval = pytest.importorskip("lm_eval")
 from lmfoundry.eval import evaluate  # noqa: E402
 from lmfoundry.eval.yaml_eval import render_yaml_requests  # noqa: E402
 from lmfoundry.eval.yaml_tasks import resolve  # noqa: E402
+from eval_stub import StubLM, fake_generation, fake_ll, fake_rolling  # noqa: E402
 
 TASKS = Path(lm_eval.__file__).parent / "tasks"
 BOOTSTRAP = 200
 
 
 # ---- one deterministic model for both sides ----
-def _h(*parts) -> bytes:
-    return hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
-
-
-def fake_ll(ctx, cont):
-    h = _h(ctx, cont)
-    return -(int.from_bytes(h[:4], "big") % 1000) / 100 - 0.05 * len(cont), h[4] % 3 == 0
-
-
-GENERATIONS = ["#### 12", "The answer is 7.\n#### 7", " A", "B", "정답은 (C)입니다.", "", " 42 apples, 3", "D.",
-               "c", "#### 42 or 12", " a,"]
-
-
-def fake_generation(ctx):
-    return GENERATIONS[_h(ctx)[0] % len(GENERATIONS)]
-
-
-def fake_rolling(text):
-    return -(len(text) * 0.5 + _h(text)[0] / 10)
-
-
-class StubLM:
-    """lmfoundry's LM interface (what eval.evaluate calls)."""
-    name = "stub"
-
-    def loglikelihood(self, reqs, groups=None, desc=None):
-        return [fake_ll(c, x) for c, x in reqs]
-
-    def loglikelihood_rolling(self, texts, desc=None):
-        return [(fake_rolling(t), 1) for t in texts]
-
-    def generate_until(self, reqs, desc=None):
-        return [fake_generation(c) for c, _ in reqs]
-
-
 def harness_lm():
     from lm_eval.api.model import LM
 

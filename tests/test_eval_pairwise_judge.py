@@ -3,10 +3,9 @@ follow the answers, so the scores are known), and the protocol path against a li
 judge running a deterministic tiny model."""
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from test_eval_judge import FakeJudge
 
 from lmfoundry.cli import main
 from lmfoundry.errors import JudgeError
@@ -44,35 +43,11 @@ def scripted_reply(body) -> dict:
                         + "\n```"}}
 
 
-class ScriptedJudge:
-    def __init__(self):
-        self.requests = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                payload = json.dumps({"choices": [{"index": 0, **scripted_reply(body)}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *a):
-                pass
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-
 @pytest.fixture
 def scripted():
-    j = ScriptedJudge()
+    j = FakeJudge(scripted_reply)
     yield j
-    j.server.shutdown()
-    j.server.server_close()
+    j.close()
 
 
 def _jsonl(path, rows):

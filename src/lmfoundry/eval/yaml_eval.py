@@ -213,10 +213,9 @@ class YamlTask:
         return out
 
     # ---- doc_to_text / doc_to_target / doc_to_choice (lm-eval's rules) ----
-    def doc_to_text(self, doc, spec=_UNSET):
-        spec = self.cfg.get("doc_to_text") if spec is _UNSET else spec
-        if isinstance(spec, int):
-            return spec
+    def _value(self, key, spec, doc):
+        """A column's value, a rendered template (digits -> an int index when the task has choices),
+        or a function's result."""
         if isinstance(spec, str):
             if spec in self.features:
                 return doc[spec]
@@ -224,29 +223,25 @@ class YamlTask:
             return ast.literal_eval(text) if text.isdigit() and self.cfg.get("doc_to_choice") is not None else text
         if callable(spec):
             return spec(doc)
-        raise EvalDataError(f"{self.spec.where('doc_to_text')}: doc_to_text must be a column, a template, an int or "
-                            f"a function, got {spec!r}")
+        raise EvalDataError(f"{self.spec.where(key)}: {key} must be a column, a template, an int"
+                            f"{', a list' if key == 'doc_to_target' else ''} or a function, got {spec!r}")
+
+    def doc_to_text(self, doc, spec=_UNSET):
+        spec = self.cfg.get("doc_to_text") if spec is _UNSET else spec
+        return spec if isinstance(spec, int) else self._value("doc_to_text", spec, doc)
 
     def doc_to_target(self, doc, spec=_UNSET):
         spec = self.cfg.get("doc_to_target") if spec is _UNSET else spec
         if isinstance(spec, (int, list)):
             return spec
-        if isinstance(spec, str):
-            if spec in self.features:
-                return doc[spec]
-            text = render(spec, doc)
-            if text.isdigit() and self.cfg.get("doc_to_choice") is not None:
-                return ast.literal_eval(text)
-            if len(text) >= 2 and text[0] == "[" and text[-1] == "]":
-                try:
-                    return ast.literal_eval(text)
-                except (SyntaxError, ValueError):
-                    return text
-            return text
-        if callable(spec):
-            return spec(doc)
-        raise EvalDataError(f"{self.spec.where('doc_to_target')}: doc_to_target must be a column, a template, an "
-                            f"int, a list or a function, got {spec!r}")
+        value = self._value("doc_to_target", spec, doc)
+        if isinstance(spec, str) and spec not in self.features and isinstance(value, str) and len(value) >= 2 \
+                and value[0] == "[" and value[-1] == "]":   # a rendered list: several golds
+            try:
+                return ast.literal_eval(value)
+            except (SyntaxError, ValueError):
+                return value
+        return value
 
     def doc_to_choice(self, doc, spec=_UNSET):
         spec = self.cfg.get("doc_to_choice") if spec is _UNSET else spec

@@ -123,6 +123,11 @@ def _dataset_files(data: Path) -> dict:
     out["winogrande"] = ("winogrande/default.yaml", {
         "train": _jsonl(data / "allenai/winogrande/winogrande_xl/train.jsonl", WINOGRANDE_TRAIN),
         "validation": _jsonl(data / "allenai/winogrande/winogrande_xl/validation.jsonl", WINOGRANDE)}, "json")
+    mmlu = [{"question": f" {rnd.choice(EN)}? ", "subject": "anatomy", "choices": [rnd.choice(EN) for _ in range(4)],
+             "answer": rnd.randrange(4)} for _ in range(9)]
+    out["mmlu_anatomy"] = ("mmlu/default/mmlu_anatomy.yaml", {
+        "test": _jsonl(data / "cais/mmlu/anatomy/test.jsonl", mmlu[:6]),
+        "dev": _jsonl(data / "cais/mmlu/anatomy/dev.jsonl", mmlu[6:])}, "json")
     for task, cols in (("cola", ("sentence",)), ("mrpc", ("sentence1", "sentence2"))):
         rows = [{**{c: rnd.choice(EN) for c in cols}, "label": rnd.randrange(2), "idx": i} for i in range(22)]
         out[task] = (f"glue/{task}/default.yaml", {
@@ -192,7 +197,7 @@ def _compare(ours, theirs, names) -> list:
 
 KOBEST = ["kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic"]
 OTHERS = ["kmmlu_accounting", "kmmlu_direct_accounting", "haerae_general_knowledge", "lambada_openai", "wikitext",
-          "gsm8k", "gsm8k_cot_self_consistency", "winogrande", "cola", "mrpc"]
+          "gsm8k", "gsm8k_cot_self_consistency", "winogrande", "mmlu_anatomy", "cola", "mrpc"]
 
 
 @pytest.mark.parametrize("shots", [0, 3])
@@ -222,19 +227,22 @@ def test_kmmlu_haerae_and_four_output_types_match_lm_eval(setup):
     assert ours["results"]["mrpc"]["f1_stderr"] is not None and ours["results"]["cola"]["mcc_stderr"] is not None
 
 
-def test_kmmlu_five_shot_prompts_from_the_hub_layout_match_lm_eval(setup):
-    """The request texts alone (no model run): KMMLU 5-shot from dev, full-width colon, 1-based answers."""
-    from lm_eval.tasks import TaskManager, get_task_dict
-    data, wrappers, _ = setup
+@pytest.mark.parametrize("name,shots", [("kmmlu_accounting", 5), ("mmlu_anatomy", 3)])
+def test_few_shot_prompts_from_the_hub_layout_match_lm_eval(setup, name, shots):
+    """The request texts alone (no model run): KMMLU 5-shot from dev (full-width colon, 1-based answers),
+    MMLU's description and first_n shots."""
+    from lm_eval.tasks import TaskManager
+    data, wrappers, datasets = setup
     tm = TaskManager(include_path=str(wrappers), include_defaults=False)
-    task = get_task_dict(["kmmlu_accounting"], tm)["kmmlu_accounting"]
-    task.set_config(key="num_fewshot", value=5)
+    task = tm.load([name])["tasks"][name]
+    task.set_config(key="num_fewshot", value=shots)
     task.set_fewshot_seed(seed=1234)
     task.build_all_requests()
     theirs = {}
     for inst in task.instances:
         theirs.setdefault(inst.doc_id, []).append(tuple(inst.args))
-    nodes = resolve([str(TASKS / "kmmlu/default/kmmlu_accounting.yaml")])
-    ours = render_yaml_requests(nodes, data_dir=data, num_fewshot=5)["kmmlu_accounting"]
+    nodes = resolve([str(TASKS / datasets[name][0])])
+    ours = render_yaml_requests(nodes, data_dir=data, num_fewshot=shots)[name]
     assert [r for _, r in ours] == [theirs[i] for i in sorted(theirs)]
-    assert ours[0][1][0][0].endswith("정답：") and ours[0][1][0][1] == " A"
+    first = ours[0][1][0][0]
+    assert first.endswith("정답：") if name.startswith("kmmlu") else first.startswith("The following are multiple")

@@ -171,24 +171,8 @@ def split_tasks(tasks, include_paths=()) -> tuple[list, list]:
     return [t for t in tasks if t not in yaml_items], yaml_items
 
 
-def evaluate(lm, tasks, data_dir=None, num_fewshot: int | None = None, limit: int | None = None,
-             protocol: str = "harness", seed: int = HARNESS_SEED, log_samples: bool = False,
-             apply_chat_template: bool = False, leaderboard: bool = False,
-             max_gen_toks: int | None = None, include_paths=(), allow_code: bool = False,
-             bootstrap_iters: int = 1000) -> dict:
-    """Evaluate `lm` (an eval.LM) on the named tasks; returns lm-eval-shaped results.
-
-    A task is a built-in name (read from `data_dir`) or an lm-eval YAML task: a .yaml file, a
-    directory of them, or a name defined under `include_paths` (see eval.yaml_tasks; `!function`
-    code runs only with allow_code=True; f1/mcc/perplexity standard errors are bootstrapped
-    `bootstrap_iters` times).
-    `max_gen_toks` overrides the generation budget of generate_until tasks (GSM8K: 256).
-    `leaderboard=True` runs the Open LLM Leaderboard v1 protocol and settings (the six tasks
-    when `tasks` is empty, 25/10/5/0/5/5 shots) and adds an "h6" section."""
-    t0 = time.time()
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    tasks, yaml_items = split_tasks(tasks, include_paths)
+def _check_tasks(tasks, yaml_items, data_dir, num_fewshot, protocol, leaderboard):
+    """(built-in tasks, protocol, per-task shots or None) after the argument checks."""
     if yaml_items and leaderboard:
         raise EvalDataError("--leaderboard runs the six built-in tasks; drop the YAML tasks")
     shots_override = None
@@ -209,6 +193,28 @@ def evaluate(lm, tasks, data_dir=None, num_fewshot: int | None = None, limit: in
     if tasks and data_dir is None:
         raise EvalDataError(f"built-in task(s) {', '.join(tasks)} read their files from a data directory: give "
                             f"--data-dir DIR")
+    return tasks, protocol, shots_override
+
+
+def evaluate(lm, tasks, data_dir=None, num_fewshot: int | None = None, limit: int | None = None,
+             protocol: str = "harness", seed: int = HARNESS_SEED, log_samples: bool = False,
+             apply_chat_template: bool = False, leaderboard: bool = False,
+             max_gen_toks: int | None = None, include_paths=(), allow_code: bool = False,
+             bootstrap_iters: int = 1000) -> dict:
+    """Evaluate `lm` (an eval.LM) on the named tasks; returns lm-eval-shaped results.
+
+    A task is a built-in name (read from `data_dir`) or an lm-eval YAML task: a .yaml file, a
+    directory of them, or a name defined under `include_paths` (see eval.yaml_tasks; `!function`
+    code runs only with allow_code=True; f1/mcc/perplexity standard errors are bootstrapped
+    `bootstrap_iters` times).
+    `max_gen_toks` overrides the generation budget of generate_until tasks (GSM8K: 256).
+    `leaderboard=True` runs the Open LLM Leaderboard v1 protocol and settings (the six tasks
+    when `tasks` is empty, 25/10/5/0/5/5 shots) and adds an "h6" section."""
+    t0 = time.time()
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    tasks, yaml_items = split_tasks(tasks, include_paths)
+    tasks, protocol, shots_override = _check_tasks(tasks, yaml_items, data_dir, num_fewshot, protocol, leaderboard)
     chat = None
     if apply_chat_template:
         chat = lambda msgs: lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)  # noqa: E731

@@ -128,8 +128,11 @@ def _load_module(path: Path):
     return _MODULES[key]
 
 
+_SAFE_LOADER = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+
 def _read_one(path: Path) -> dict:
-    class Loader(yaml.SafeLoader):
+    class Loader(_SAFE_LOADER):
         pass
     Loader.add_constructor("!function", lambda loader, node: FunctionRef(loader.construct_scalar(node), path))
     try:
@@ -234,15 +237,15 @@ def resolve(items, include_paths=()) -> list:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            local = {**index_paths([p]), **registry}
-            out.extend(_top_level(index_paths([p]), local))
+            here = index_paths([p])
+            out.extend(_top_level(here, {**here, **registry}))
         elif p.is_file() or looks_like_yaml(item):
             if not p.is_file():
                 raise EvalDataError(f"{item}: task file not found")
-            local = {**index_paths([p.parent]), **registry}
-            cfg, origin = load_yaml(p)
-            out.append(_build(Entry(str(cfg.get("group") or cfg.get("task")), "group" if "group" in cfg else "task", p),
-                              {}, local))
+            cfg, _ = load_yaml(p)
+            kind = "group" if "group" in cfg else "task"
+            local = {**index_paths([p.parent]), **registry} if kind == "group" else registry   # a group names tasks
+            out.append(_build(Entry(str(cfg.get("group") or cfg.get("task")), kind, p), {}, local))
         elif item in registry:
             built = _build(registry[item], {}, registry)
             out.extend(built if isinstance(built, list) else [built])

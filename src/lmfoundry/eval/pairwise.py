@@ -74,7 +74,7 @@ def read_items(path, bench: str) -> list[Item]:
                                   [r.get("category", "")]))
             elif bench == "alpaca-eval":
                 text = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-                items.append(Item(i, [{"role": "user", "content": text}], reference=r.get("output")))
+                items.append(Item(r["instruction"], [{"role": "user", "content": text}], reference=r.get("output")))
             else:
                 conv = [{"role": m["role"], "content": m["content"]} for m in r["conversation_input"]]
                 items.append(Item(r["session_id"], conv, [r.get("primary_tag")] + list(r.get("secondary_tags") or []),
@@ -101,7 +101,7 @@ def _answer_of(rec):
 
 def read_answers(path, items, bench: str) -> tuple[list[str], list]:
     """(answer text per item, conv_metadata per item or None) from an answer file, matched by id
-    (AlpacaEval: by instruction)."""
+    (AlpacaEval: by instruction, as AlpacaEval merges outputs)."""
     by_key = {}
     for i, r in enumerate(read_records(path)):
         key = r.get("instruction") if bench == "alpaca-eval" else r.get("question_id", r.get("uid", r.get("session_id")))
@@ -109,9 +109,7 @@ def read_answers(path, items, bench: str) -> tuple[list[str], list]:
         if not isinstance(text, str):
             raise JudgeError(f"{path}: record {i} has no answer text (choices/messages/output)")
         by_key[key] = (text, r.get("conv_metadata"))
-    keys = [it.messages[-1]["content"] if bench == "alpaca-eval" else it.id for it in items]
-    if bench == "alpaca-eval":   # the instruction as written in the file (without an appended input)
-        keys = [k if k in by_key else k.split("\n\n")[0] for k in keys]
+    keys = [it.id for it in items]   # AlpacaEval: the instruction
     missing = [k for k in keys if k not in by_key]
     if missing:
         raise JudgeError(f"{path}: no answers for {len(missing)} question(s), e.g. {str(missing[0])[:80]!r}")

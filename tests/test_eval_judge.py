@@ -12,10 +12,25 @@ from lmfoundry.eval.judge import (JudgeClient, JudgeError, is_korean, mean_ci, p
                                   parse_mt_bench_score, run_judge_benchmark)
 
 
-class FakeJudge:
-    """http.server speaking POST /v1/chat/completions with canned judgments."""
+def canned_reply(body) -> dict:
+    msgs = body["messages"]
+    text = "\n".join(m["content"] for m in msgs)
+    if "UNPARSEABLE" in text:
+        content = "I would rather not put a number on this."
+    elif "safety evaluator" in msgs[0]["content"]:
+        content = "Refused properly. [[PASS]]" if "sorry" in text.lower() else "It complied. [[FAIL]]"
+    elif "점수" in msgs[0]["content"]:
+        content = "평가: 요구사항을 잘 반영했다.\n점수: " + ("9" if "Follow-up" in text else "6")
+    else:
+        content = "The answer is fine. Rating: [[7]]" if "second" not in msgs[0]["content"] \
+            else "Good follow-up. Rating: [[5]]"
+    return {"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
 
-    def __init__(self):
+
+class FakeJudge:
+    """http.server speaking POST /v1/chat/completions; `reply(request body) -> choice` (canned judgments)."""
+
+    def __init__(self, reply=canned_reply):
         self.requests = []
         outer = self
 
@@ -23,20 +38,8 @@ class FakeJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                msgs = body["messages"]
-                text = "\n".join(m["content"] for m in msgs)
-                if "UNPARSEABLE" in text:
-                    content = "I would rather not put a number on this."
-                elif "safety evaluator" in msgs[0]["content"]:
-                    content = "Refused properly. [[PASS]]" if "sorry" in text.lower() else "It complied. [[FAIL]]"
-                elif "점수" in msgs[0]["content"]:
-                    content = "평가: 요구사항을 잘 반영했다.\n점수: " + ("9" if "Follow-up" in text else "6")
-                else:
-                    content = "The answer is fine. Rating: [[7]]" if "second" not in msgs[0]["content"] \
-                        else "Good follow-up. Rating: [[5]]"
                 payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                                   "finish_reason": "stop"}]}).encode()
+                                      "choices": [{"index": 0, **reply(body)}]}).encode()
                 if self.path != "/v1/chat/completions":
                     self.send_response(404)
                     self.end_headers()

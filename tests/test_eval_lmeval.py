@@ -60,7 +60,7 @@ def manager(data, tmp_path_factory):
     for subject in ("anatomy", "elementary_mathematics"):
         _task_yaml(ydir, f"lme_mmlu_{subject}", f"mmlu/default/mmlu_{subject}.yaml",
                    {"test": data / f"mmlu_{subject}.lmeval.jsonl", "dev": data / f"mmlu_{subject}.dev.lmeval.jsonl"})
-    return TaskManager(include_path=str(ydir))
+    return TaskManager(include_path=str(ydir), include_defaults=False)   # the wrappers include by path
 
 
 def _ours(data, task, k):

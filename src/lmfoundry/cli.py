@@ -249,8 +249,8 @@ def cmd_eval(args):
     from .eval import evaluate, format_table, perplexity
     if args.perplexity is None and not args.tasks and not args.leaderboard:
         raise _Err("give --tasks (with --data-dir), --leaderboard, or --perplexity FILE")
-    if (args.tasks or args.leaderboard) and args.data_dir is None:
-        raise _Err("--tasks / --leaderboard need --data-dir DIR (one <task>.jsonl or .parquet per task)")
+    if args.leaderboard and args.data_dir is None:
+        raise _Err("--leaderboard needs --data-dir DIR (one <task>.jsonl or .parquet per task)")
     lm = _eval_lm(args)
     if args.perplexity is not None:
         res = perplexity(lm, args.perplexity)
@@ -261,28 +261,47 @@ def cmd_eval(args):
         tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
         res = evaluate(lm, tasks, args.data_dir, num_fewshot=args.fewshot, limit=args.limit,
                        leaderboard=args.leaderboard, seed=args.seed, log_samples=args.log_samples,
-                       apply_chat_template=args.apply_chat_template, max_gen_toks=args.max_gen_toks)
+                       apply_chat_template=args.apply_chat_template, max_gen_toks=args.max_gen_toks,
+                       include_paths=args.include_path, allow_code=args.allow_code,
+                       bootstrap_iters=args.bootstrap_iters)
         print(format_table(res))
     if args.out:
         _write_json(args.out, res)
         print(f"wrote {args.out} ({res['total_evaluation_time_seconds']:.1f}s)", file=sys.stderr)
 
 
+def cmd_eval_compare(args):
+    """Results files side by side (lm-eval-shaped results and judge summaries), with standard errors."""
+    from .eval.compare import compare_table
+    print(compare_table(args.files))
+
+
 def cmd_judge(args):
-    """MT-Bench / KoMT-Bench / LogicKor: generate answers, grade them with an OpenAI-compatible judge."""
+    """MT-Bench / KoMT-Bench / LogicKor / Arena-Hard / AlpacaEval 2 / WildBench with an OpenAI-compatible judge."""
     import os
 
     from .eval.judge import JudgeClient, format_summary, run_judge_benchmark
+    from .eval.pairwise import BENCHES, format_pairwise_summary, run_pairwise_benchmark
     lm = None if args.answers else _eval_lm(args)
     key = args.judge_key if args.judge_key is not None else os.environ.get("OPENAI_API_KEY")
     out = Path(args.out)
     judge = JudgeClient(args.judge_url, key, args.judge_model,
                         cache=args.cache or out / "judge_cache.jsonl", max_tokens=args.judge_max_tokens)
-    summary = run_judge_benchmark(lm, args.questions, args.bench, judge, out, strategy=args.strategy,
-                                  answers_path=args.answers, judge_prompts_path=args.judge_prompts,
-                                  references_path=args.reference, max_new_tokens=args.max_new_tokens,
-                                  limit=args.limit, model_id=args.model_id or Path(args.model).name)
-    print(format_summary(summary))
+    model_id = args.model_id or Path(args.model).name
+    if args.bench in BENCHES:
+        summary = run_pairwise_benchmark(lm, args.bench, args.questions, judge, out, baseline_path=args.baseline,
+                                         answers_path=args.answers, model_id=model_id,
+                                         max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                         style_control=args.style_control, length_penalty=args.length_penalty,
+                                         difficulty_path=args.instruction_difficulty, gamed_path=args.alpaca_gamed,
+                                         seed=args.seed)
+        print(format_pairwise_summary(summary))
+    else:
+        summary = run_judge_benchmark(lm, args.questions, args.bench, judge, out, strategy=args.strategy,
+                                      answers_path=args.answers, judge_prompts_path=args.judge_prompts,
+                                      references_path=args.reference, max_new_tokens=args.max_new_tokens,
+                                      limit=args.limit, model_id=model_id)
+        print(format_summary(summary))
     print(f"wrote {out / 'summary.json'}", file=sys.stderr)
 
 
@@ -438,9 +457,17 @@ def _add_eval_verbs(sub):
                         "or perplexity")
     _model_arg(ev)
     ev.add_argument("--tasks", default=None, help="comma-separated: arc_challenge, arc_easy, hellaswag, mmlu "
-                    "(or mmlu_<subject>), truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k")
+                    "(or mmlu_<subject>), truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k; lm-eval task YAML "
+                    "files, directories of them, or names defined under --include-path")
     ev.add_argument("--data-dir", default=None, help="holds <task>.jsonl (or .parquet) in the dataset's schema, "
-                    "plus optional <task>.train/.dev.jsonl few-shot pools")
+                    "plus optional <task>.train/.dev.jsonl few-shot pools; YAML tasks find Hub datasets under "
+                    "DIR/<dataset_path>/<dataset_name>/<split>.jsonl")
+    ev.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                    help="directory of lm-eval task YAML whose task, group and tag names --tasks may use")
+    ev.add_argument("--allow-code", action="store_true", help="run the Python (!function, utils.py next to the "
+                    "YAML) that task YAML files name; refused without this flag")
+    ev.add_argument("--bootstrap-iters", type=int, default=1000, help="resamples for the standard errors of "
+                    "f1 / mcc / perplexity / median (lm-eval's default is 100000; 0 = none)")
     ev.add_argument("--fewshot", type=int, default=None, help="shots for every task (default: lm-eval's per task)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N documents of each (sub)task")
     ev.add_argument("--batch-size", type=int, default=16)
@@ -459,9 +486,16 @@ def _add_eval_verbs(sub):
     ev.add_argument("--out", default=None, help="results.json (lm-eval's shape)")
     ev.set_defaults(fn=cmd_eval)
 
-    jd = sub.add_parser("judge", help="MT-Bench / KoMT-Bench / LogicKor graded by an OpenAI-compatible judge")
+    cmp_ = sub.add_parser("eval-compare", help="results files side by side with standard errors "
+                          "(also: lmfoundry eval compare A.json B.json ...)")
+    cmp_.add_argument("files", nargs="+", help="results.json of `lmfoundry eval` / lm-eval, or judge summary.json")
+    cmp_.set_defaults(fn=cmd_eval_compare)
+
+    jd = sub.add_parser("judge", help="MT-Bench / KoMT-Bench / LogicKor / Arena-Hard / AlpacaEval 2 / WildBench "
+                        "graded by an OpenAI-compatible judge")
     _model_arg(jd)
-    jd.add_argument("--bench", required=True, choices=["mt-bench", "komt-bench", "logickor"])
+    jd.add_argument("--bench", required=True, choices=["mt-bench", "komt-bench", "logickor", "arena-hard",
+                                                        "alpaca-eval", "wildbench"])
     jd.add_argument("--questions", required=True, help="the benchmark's question file (jsonl/parquet)")
     jd.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     jd.add_argument("--judge-key", default=None, help="API key (default: $OPENAI_API_KEY)")
@@ -477,6 +511,13 @@ def _add_eval_verbs(sub):
     jd.add_argument("--batch-size", type=int, default=8)
     jd.add_argument("--limit", type=int, default=None)
     jd.add_argument("--cache", default=None, help="judgment cache (default: OUT/judge_cache.jsonl)")
+    jd.add_argument("--baseline", default=None, help="Arena-Hard / WildBench (reward) / AlpacaEval: the baseline "
+                    "model's answers (AlpacaEval defaults to the eval set's own outputs)")
+    jd.add_argument("--style-control", action="store_true", help="Arena-Hard: control for length and markdown")
+    jd.add_argument("--length-penalty", type=int, default=500, help="WildBench WB-Reward K (characters; -1 = off)")
+    jd.add_argument("--instruction-difficulty", default=None, help="AlpacaEval's instruction_difficulty.csv")
+    jd.add_argument("--alpaca-gamed", default=None, help="AlpacaEval's df_gamed.csv (regularises the LC GLM)")
+    jd.add_argument("--seed", type=int, default=0, help="answer-order and bootstrap seed")
     jd.add_argument("--out", required=True, help="output directory")
     jd.set_defaults(fn=cmd_judge)
 
@@ -537,6 +578,10 @@ def _add_run_verbs(sub):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if verb is not None and argv[verb:verb + 2] == ["eval", "compare"]:
+        argv[verb:verb + 2] = ["eval-compare"]
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

@@ -5,10 +5,14 @@
     res = evaluate(lm, ["arc_challenge", "hellaswag"], data_dir="data/")   # lm-eval-shaped dict
     res = evaluate(lm, [], data_dir="data/", leaderboard=True)             # Open LLM Leaderboard v1 (H6)
 
+    res = evaluate(lm, ["lm_eval/tasks/kobest/"], data_dir="data/", allow_code=True)  # lm-eval task YAML
+
 Modules: lm (loglikelihood / generate_until on strings), tasks (prompts as data), metrics,
-runner (few-shot, aggregation, tables), judge (MT-Bench / KoMT-Bench / LogicKor with an
-OpenAI-compatible judge), redteam (pass / fail / skipped by category), harness (the
-lm-evaluation-harness model adapter; optional).
+runner (few-shot, aggregation, tables), yaml_tasks + yaml_eval (lm-eval 0.4 task YAML),
+judge (MT-Bench / KoMT-Bench / LogicKor with an OpenAI-compatible judge), pairwise +
+pairwise_stats (Arena-Hard, AlpacaEval 2 LC, WildBench), compare (results side by side),
+redteam (pass / fail / skipped by category), harness (the lm-evaluation-harness model adapter;
+optional).
 """
 from ..errors import EvalDataError
 from .data import read_records

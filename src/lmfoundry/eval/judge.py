@@ -271,7 +271,11 @@ def read_judge_prompts(path) -> dict:
 
 # ---------------------------------------------------------------- judge client
 class JudgeClient:
-    """POST {base_url}/chat/completions on any OpenAI-compatible server, with an on-disk cache."""
+    """POST {base_url}/chat/completions on any OpenAI-compatible server, with an on-disk cache.
+
+    `complete(messages)` returns the reply's text; `complete_choice(messages, **extra)` sends extra
+    request fields (AlpacaEval's `logprobs`/`top_logprobs`/`max_tokens: 1`) and returns the whole
+    choice (message and log-probs), cached the same way."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str = "gpt-4", cache=None,
                  temperature: float = 0.0, max_tokens: int = 2048, retries: int = 3, timeout: float = 300.0,
@@ -287,52 +291,59 @@ class JudgeClient:
             for line in self.cache_path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
-                    self.cache[rec["key"]] = rec["content"]
+                    self.cache[rec["key"]] = rec.get("choice") or {"message": {"role": "assistant",
+                                                                               "content": rec["content"]}}
                 except (json.JSONDecodeError, KeyError):
                     continue   # a torn last line from an interrupted run
 
-    def key(self, messages) -> str:
-        blob = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}, ensure_ascii=False, sort_keys=True)
+    def key(self, messages, extra: dict | None = None) -> str:
+        spec = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, **({"extra": extra} if extra else {})}
+        blob = json.dumps(spec, ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def complete(self, messages: list[dict]) -> str:
-        k = self.key(messages)
+        return self.complete_choice(messages)["message"]["content"]
+
+    def complete_choice(self, messages: list[dict], **extra) -> dict:
+        k = self.key(messages, extra)
         if k in self.cache:
             self.cache_hits += 1
             return self.cache[k]
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens, "n": 1}).encode("utf-8")
+                           "max_tokens": self.max_tokens, "n": 1, **extra}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last = None
+        last = content = None
         for attempt in range(self.retries + 1):
             try:
                 self.calls += 1
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     data = json.loads(resp.read().decode("utf-8"))
-                content = data["choices"][0]["message"]["content"]
+                choice = data["choices"][0]
+                content = choice["message"]["content"]
                 if not isinstance(content, str):
                     raise ValueError("message content is not a string")
                 break
             except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-                last = e
+                last, content = e, None
                 if isinstance(e, urllib.error.HTTPError) and e.code in (400, 401, 403, 404):
                     break   # will not get better by retrying
                 if attempt < self.retries:
                     time.sleep(self.retry_sleep * (2 ** attempt))
-        else:
-            content = None
         if content is None:
             raise JudgeError(f"judge endpoint {self.url} failed: {type(last).__name__}: {last}")
-        self.cache[k] = content
+        choice = {"message": {"role": "assistant", "content": content},
+                  **({"logprobs": choice["logprobs"]} if extra and choice.get("logprobs") else {})}
+        self.cache[k] = choice
         if self.cache_path is not None:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.cache_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": k, "model": self.model, "content": content}, ensure_ascii=False) + "\n")
-        return content
+                rec = {"key": k, "model": self.model, "content": content, **({"choice": choice} if extra else {})}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        return choice
 
 
 # ---------------------------------------------------------------- answer generation

@@ -163,18 +163,18 @@ def render_requests(tasks, data_dir, num_fewshot: int | None = None, limit: int 
     return out
 
 
-def evaluate(lm, tasks, data_dir, num_fewshot: int | None = None, limit: int | None = None,
-             protocol: str = "harness", seed: int = HARNESS_SEED, log_samples: bool = False,
-             apply_chat_template: bool = False, leaderboard: bool = False,
-             max_gen_toks: int | None = None) -> dict:
-    """Evaluate `lm` (an eval.LM) on the named tasks; returns lm-eval-shaped results.
+def split_tasks(tasks, include_paths=()) -> tuple[list, list]:
+    """(built-in task names, lm-eval YAML items: files, directories, names under include_paths)."""
+    from .yaml_tasks import index_paths, looks_like_yaml
+    defined = set(index_paths(include_paths)) if include_paths else set()
+    yaml_items = [t for t in tasks if looks_like_yaml(t) or t in defined]
+    return [t for t in tasks if t not in yaml_items], yaml_items
 
-    `max_gen_toks` overrides the generation budget of generate_until tasks (GSM8K: 256).
-    `leaderboard=True` runs the Open LLM Leaderboard v1 protocol and settings (the six tasks
-    when `tasks` is empty, 25/10/5/0/5/5 shots) and adds an "h6" section."""
-    t0 = time.time()
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
+
+def _check_tasks(tasks, yaml_items, data_dir, num_fewshot, protocol, leaderboard):
+    """(built-in tasks, protocol, per-task shots or None) after the argument checks."""
+    if yaml_items and leaderboard:
+        raise EvalDataError("--leaderboard runs the six built-in tasks; drop the YAML tasks")
     shots_override = None
     if leaderboard:
         protocol = "leaderboard"
@@ -188,11 +188,42 @@ def evaluate(lm, tasks, data_dir, num_fewshot: int | None = None, limit: int | N
         shots_override = lb
     if protocol not in ("harness", "leaderboard"):
         raise EvalDataError(f"unknown protocol {protocol!r} (harness or leaderboard)")
-    if not tasks:
+    if not tasks and not yaml_items:
         raise EvalDataError("no tasks given")
+    if tasks and data_dir is None:
+        raise EvalDataError(f"built-in task(s) {', '.join(tasks)} read their files from a data directory: give "
+                            f"--data-dir DIR")
+    return tasks, protocol, shots_override
+
+
+def evaluate(lm, tasks, data_dir=None, num_fewshot: int | None = None, limit: int | None = None,
+             protocol: str = "harness", seed: int = HARNESS_SEED, log_samples: bool = False,
+             apply_chat_template: bool = False, leaderboard: bool = False,
+             max_gen_toks: int | None = None, include_paths=(), allow_code: bool = False,
+             bootstrap_iters: int = 1000) -> dict:
+    """Evaluate `lm` (an eval.LM) on the named tasks; returns lm-eval-shaped results.
+
+    A task is a built-in name (read from `data_dir`) or an lm-eval YAML task: a .yaml file, a
+    directory of them, or a name defined under `include_paths` (see eval.yaml_tasks; `!function`
+    code runs only with allow_code=True; f1/mcc/perplexity standard errors are bootstrapped
+    `bootstrap_iters` times).
+    `max_gen_toks` overrides the generation budget of generate_until tasks (GSM8K: 256).
+    `leaderboard=True` runs the Open LLM Leaderboard v1 protocol and settings (the six tasks
+    when `tasks` is empty, 25/10/5/0/5/5 shots) and adds an "h6" section."""
+    t0 = time.time()
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    tasks, yaml_items = split_tasks(tasks, include_paths)
+    tasks, protocol, shots_override = _check_tasks(tasks, yaml_items, data_dir, num_fewshot, protocol, leaderboard)
     chat = None
     if apply_chat_template:
         chat = lambda msgs: lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)  # noqa: E731
+    prepared = None
+    if yaml_items:   # read and check every YAML task before any model work
+        from .yaml_eval import prepare
+        from .yaml_tasks import resolve
+        prepared = prepare(resolve(yaml_items, include_paths), data_dir, num_fewshot, limit, seed, allow_code,
+                           max_gen_toks)
     plan = _resolve(lm, tasks, data_dir, num_fewshot, limit, protocol, seed, shots_override)
 
     results, configs, samples, n_shot, n_samples = {}, {}, {}, {}, {}
@@ -270,7 +301,19 @@ def evaluate(lm, tasks, data_dir, num_fewshot: int | None = None, limit: int | N
         res["h6"] = h6_table(results)
     if log_samples:
         res["samples"] = samples
+    if prepared is not None:
+        from .yaml_eval import run_prepared
+        _merge_yaml(res, run_prepared(lm, prepared, log_samples, chat, bootstrap_iters))
+        res["total_evaluation_time_seconds"] = round(time.time() - t0, 3)
     return res
+
+
+def _merge_yaml(res: dict, yres: dict):
+    for key in ("results", "configs", "n-shot", "n-samples", "versions", "samples"):
+        if key in yres:
+            res.setdefault(key, {}).update(yres[key])
+    for key in ("groups", "group_subtasks", "higher_is_better"):
+        res[key] = yres[key]
 
 
 def _lm_info(lm) -> dict:

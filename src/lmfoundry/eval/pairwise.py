@@ -155,10 +155,10 @@ def arena_verdict(judgment: str):
 
 
 def judge_arena_hard(judge, items, answers, baselines, model_id, progress=True) -> list[dict]:
-    from .lm import _Progress
+    from .lm import Progress
     system, template = prompt_text("arena_hard_v0.1_system.txt"), prompt_text("arena_hard_v0.1_user.txt")
     out = []
-    with _Progress(2 * len(items), "judging", progress) as bar:
+    with Progress(2 * len(items), "judging", progress) as bar:
         for it, ans, base in zip(items, answers, baselines):
             games = []
             for a, b in ((base, ans), (ans, base)):   # game 1: the baseline is assistant A
@@ -216,10 +216,10 @@ def alpaca_preference(choice: dict):
 
 
 def judge_alpaca(judge, items, answers, baselines, model_id, seed=0, progress=True) -> list[dict]:
-    from .lm import _Progress
+    from .lm import Progress
     template = prompt_text("alpaca_eval_clf.txt")
     out = []
-    with _Progress(len(items), "judging", progress) as bar:
+    with Progress(len(items), "judging", progress) as bar:
         for it, ans, base in zip(items, answers, baselines):
             swapped = _swap(seed, it.query)
             o1, o2 = (ans, base) if swapped else (base, ans)
@@ -293,10 +293,10 @@ def _wb_score_value(judgment):
 
 
 def judge_wildbench_score(judge, items, answers, model_id, progress=True) -> list[dict]:
-    from .lm import _Progress
+    from .lm import Progress
     template = prompt_text("wildbench_score_v2.txt")
     out = []
-    with _Progress(len(items), "judging (score)", progress) as bar:
+    with Progress(len(items), "judging (score)", progress) as bar:
         for it, ans in zip(items, answers):
             prompt = template.replace("{$history}", _history(it.messages)).replace("{$user_query}", it.query) \
                 .replace("{$model_output}", ans).replace("{$checklist}", _checklist(it.checklist))
@@ -311,10 +311,10 @@ WB_CHOICES = {"A++": ("A", 2), "A+": ("A", 1), "A=B": ("tie", 0), "B+": ("B", 1)
 
 
 def judge_wildbench_reward(judge, items, answers, refs, model_id, seed=0, progress=True) -> list[dict]:
-    from .lm import _Progress
+    from .lm import Progress
     template = prompt_text("wildbench_pairwise_v2.txt")
     out = []
-    with _Progress(len(items), "judging (reward)", progress) as bar:
+    with Progress(len(items), "judging (reward)", progress) as bar:
         for it, ans, ref in zip(items, answers, refs):
             model_is_a = not _swap(seed, it.id)
             a, b = (ans, ref) if model_is_a else (ref, ans)

@@ -249,8 +249,8 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
     b = train(tiny(), ListBatches(halves), NextToken(), cfg(steps=6, grad_accum=2), tmp_path / "accum")
     assert a.losses == pytest.approx(b.losses, abs=1e-6)
     wa, wb = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "accum" / "model.safetensors")
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+    for name in wa:   # 6 AdamW steps amplify fp32 summation-order noise (different GEMM shapes) to ~1e-6
+        torch.testing.assert_close(wa[name], wb[name], atol=3e-6, rtol=0)
 
 
 def test_activation_checkpointing_does_not_change_the_losses(tmp_path):

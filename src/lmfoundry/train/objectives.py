@@ -33,6 +33,7 @@ predicted, so no shifting happens here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from contextlib import nullcontext
@@ -96,10 +97,62 @@ class SFT(NextToken):
 
 def token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None):
     """log p(labels[b, t] | input_ids[b, :t+1]) in fp32 [B, T], 0 where labels are -100: the one place
-    every objective gets label log-probs from the model (cross-entropy is minus their sum)."""
-    logits = model(input_ids, doc_ids=doc_ids)
-    return -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                            reduction="none").view(labels.shape)
+    every objective gets label log-probs from the model (cross-entropy is minus their sum).
+
+    The output layer runs inside the model's forward (`head=`, so FSDP2 gathers its sharded weight
+    for it) through label_logps: only labelled positions, a few rows of logits at a time, so the
+    [B, T, V] logits are never built."""
+    return model(input_ids, doc_ids=doc_ids, head=functools.partial(label_logps, labels=labels))
+
+
+LOGITS_PER_CHUNK = 2 ** 23    # logits held at once by label_logps (32 MiB in fp32)
+
+
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T)[..., labels] in fp32 (shape of labels; 0 where labels are -100),
+    computed over chunks of LOGITS_PER_CHUNK logits whose backward recomputes them: the loss and
+    gradients of F.cross_entropy on the full logits, at the memory of one chunk. Under autocast the
+    matrix products run in its dtype, as F.linear would."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    keep = labels != IGNORE
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    rows = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    out[keep] = _LabelLogps.apply(hidden[keep], weight, labels[keep], rows, dtype)
+    return out
+
+
+class _LabelLogps(torch.autograd.Function):
+    """Label log-probs of hidden [N, D] under weight [V, D], `rows` rows of logits at a time.
+    Backward recomputes each chunk's logits: d logp / d logits = onehot(label) - softmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            logps, lse = [], []
+            for h, y in zip(hidden.split(rows), labels.split(rows)):
+                logits = F.linear(h.to(dtype), w).float()
+                lse.append(torch.logsumexp(logits, dim=-1))
+                logps.append(logits.gather(1, y[:, None])[:, 0] - lse[-1])
+        ctx.save_for_backward(hidden, weight, labels, torch.cat(lse) if lse else hidden.new_zeros(0))
+        ctx.rows, ctx.dtype = rows, dtype
+        return torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for i in range(0, hidden.shape[0], ctx.rows):
+            h, y, g = hidden[i:i + ctx.rows].to(ctx.dtype), labels[i:i + ctx.rows], grad[i:i + ctx.rows]
+            d = (F.linear(h, w).float() - lse[i:i + ctx.rows, None]).exp_().mul_(-g[:, None])   # -g * softmax
+            d[torch.arange(len(y), device=d.device), y] += g
+            d = d.to(ctx.dtype)
+            grad_hidden[i:i + ctx.rows] = d @ w
+            grad_weight += (d.t() @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,10 @@ from .errors import LMFoundryError
 
 def _model_arg(p):
     p.add_argument("model", help="a Hugging Face checkpoint directory or a GGUF file")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's; "
+                   "bfloat16 with --quantize)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only linear layers "
+                   "(per-channel symmetric; activations in --dtype)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
 
 
@@ -37,9 +40,9 @@ def _sampling(args):
 
 
 def _load(args):
-    from .checkpoint import load_model
+    from .quantize import load_for_inference
     from .tokenizer import load_tokenizer
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_for_inference(args.model, dtype=args.dtype, quantize_method=args.quantize, device=args.device)
     return model, load_tokenizer(args.model)
 
 
@@ -230,8 +233,9 @@ def cmd_train(args):
 
 def _eval_lm(args):
     from .eval import LM
-    return LM.load(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                   max_length=getattr(args, "max_length", None), share_prefix=not getattr(args, "no_share_prefix", False))
+    return LM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                   batch_size=args.batch_size, max_length=getattr(args, "max_length", None),
+                   share_prefix=not getattr(args, "no_share_prefix", False))
 
 
 def _write_json(path, obj):
@@ -317,7 +321,7 @@ def cmd_serve(args):
     from .serve.api import api_key_from_env, serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
           max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
-          max_model_len=args.max_model_len, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+          max_model_len=args.max_model_len, dtype=args.dtype, quantize=args.quantize, device=args.device,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level, allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
 

@@ -522,6 +522,8 @@ def build_parser():
 
     from .curate.cli import add_parser as add_data_parser
     add_data_parser(sub)
+    from .checkpoint.sharded import add_parser as add_export_parser
+    add_export_parser(sub)
     return p
 
 

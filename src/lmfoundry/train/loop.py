@@ -125,9 +125,8 @@ def train(model, batches, objective, cfg: TrainConfig, out_dir, *, eval_batches=
         bar.close()
         log.close()
 
-    if ckpts.last_saved != step:
-        ckpts.save(step, tokens_seen)
-    publish(run.path, trainable, model, **export)
+    last = ckpts.save(step, tokens_seen) if ckpts.last_saved != step else ckpts.root / f"step-{step:08d}"
+    publish(run.path, trainable, model, last, **export)
     if rank == 0 and cfg.progress:
         print(f"{objective.name}: {step} steps, final loss {losses[-1] if losses else float('nan'):.4f}; "
               f"model in {run.path}" + (f" ({stopped})" if stopped else ""), flush=True)
@@ -180,6 +179,7 @@ def _setup(model, trainable, cfg: TrainConfig, device, amp):
     params = trainable.parameters(model)                  # after FSDP: the sharded parameters
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]   # (torch's sharded optimizer load drops an empty group's settings)
     return net, params, torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 

@@ -19,6 +19,8 @@ def _model_arg(p):
                    "bfloat16 with --quantize)")
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only linear layers "
                    "(per-channel symmetric; activations in --dtype)")
+    p.add_argument("--compile", action="store_true", help="decode with one compiled step over a static KV cache "
+                   "(CUDA graphs on GPU); falls back to eager with a warning if the compiler fails")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
 
 
@@ -42,7 +44,8 @@ def _sampling(args):
 def _load(args):
     from .quantize import load_for_inference
     from .tokenizer import load_tokenizer
-    model = load_for_inference(args.model, dtype=args.dtype, quantize_method=args.quantize, device=args.device)
+    model = load_for_inference(args.model, dtype=args.dtype, quantize_method=args.quantize, device=args.device,
+                               compile=args.compile)
     return model, load_tokenizer(args.model)
 
 
@@ -233,7 +236,7 @@ def cmd_train(args):
 
 def _eval_lm(args):
     from .eval import LM
-    return LM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+    return LM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
                    batch_size=args.batch_size, max_length=getattr(args, "max_length", None),
                    share_prefix=not getattr(args, "no_share_prefix", False))
 
@@ -321,7 +324,8 @@ def cmd_serve(args):
     from .serve.api import api_key_from_env, serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
           max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
-          max_model_len=args.max_model_len, dtype=args.dtype, quantize=args.quantize, device=args.device,
+          max_model_len=args.max_model_len, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+          device=args.device,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level, allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
 

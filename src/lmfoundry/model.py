@@ -116,10 +116,12 @@ class KVCache:
     prefilled together: the padding's keys land after a row's end, where the row's next real
     tokens overwrite them before anything can read them, and the caller then sets `lengths` to
     the real lengths. `rows(lo, hi)` is a view of a range of rows that shares storage and lengths.
+    A `static` cache keeps every shape fixed (each forward reads all max_len keys, masked): what a
+    compiled decode step needs (generate.compile_decoding).
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None):
-        self.max_len = max_len
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None, static: bool = False):
+        self.max_len, self.static = max_len, static
         self.k = [torch.zeros(batch, kv, max_len, cfg.head_dim, dtype=dtype, device=device) for kv in cfg.n_kv_heads]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.lengths = torch.zeros(batch, dtype=torch.long)
@@ -127,7 +129,7 @@ class KVCache:
     def rows(self, lo: int, hi: int) -> "KVCache":
         """Rows [lo, hi) as a cache of their own (their keys and lengths are this cache's)."""
         view = KVCache.__new__(KVCache)
-        view.max_len, view.lengths = self.max_len, self.lengths[lo:hi]
+        view.max_len, view.lengths, view.static = self.max_len, self.lengths[lo:hi], self.static
         view.k, view.v = [k[lo:hi] for k in self.k], [v[lo:hi] for v in self.v]
         return view
 
@@ -141,9 +143,11 @@ class KVCache:
         if end > self.max_len:
             raise GenerationError(f"KV cache holds {self.max_len} tokens per row; cannot append {T} after "
                                   f"{end - T}")
+        positions = lengths.to(device, non_blocking=True)[:, None] + torch.arange(T, device=device)
+        if self.static:               # fixed shapes: read every key, write by position
+            return CacheWrite(positions, self.max_len, None)
         start = int(lengths[0])
         uniform = bool((lengths == start).all())
-        positions = lengths.to(device, non_blocking=True)[:, None] + torch.arange(T, device=device)
         return CacheWrite(positions, end, start if uniform else None)
 
     def update(self, layer: int, k, v, write: "CacheWrite"):
@@ -270,7 +274,9 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+        """A cache for `batch` rows of `max_len` tokens (static when decoding is compiled)."""
+        static = getattr(self, "compiled_decode", None) is not None
+        return KVCache(self.config, batch, max_len, self.dtype, self.device, static=static)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 doc_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
@@ -301,19 +307,7 @@ class Transformer(nn.Module):
             if doc_ids is not None:
                 positions = positions - _doc_starts(doc_ids)
             mask = self._mask(T, doc_ids, tokens.device, flex)
-        freqs = positions[..., None].float() * self.inv_freq          # [B or 1, T, hd/2], fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # [B or 1, 1, T, hd]
-        x = self.embed(tokens)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-        saved = [None] * len(self.config.skip_save)
-        w = self.config.skip_weights[0 if self.training else 1]
-        for i, layer in enumerate(self.layers):
-            for s in self._saves[i]:
-                saved[s] = x
-            for s in self._blends[i]:
-                x = saved[s] * w + x * (1 - w)   # Solar Pro: weight on the earlier, saved state
-            x = layer(x, cos, sin, mask, cache, i, write)
+        x = self._trunk(tokens, positions, mask, cache, write)
         if cache is not None:
             cache.lengths += T
         if logits_at is not None:
@@ -325,6 +319,31 @@ class Transformer(nn.Module):
             return x
         if head is not None:
             return head(x, self.output_weight)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+
+    def _trunk(self, tokens, positions, mask, cache, write):
+        """Embeddings, RoPE and every block (with Solar Pro's skips): the hidden states before the final norm."""
+        freqs = positions[..., None].float() * self.inv_freq          # [B or 1, T, hd/2], fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # [B or 1, 1, T, hd]
+        x = self.embed(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        saved = [None] * len(self.config.skip_save)
+        w = self.config.skip_weights[0 if self.training else 1]
+        for i, layer in enumerate(self.layers):
+            for s in self._saves[i]:
+                saved[s] = x
+            for s in self._blends[i]:
+                x = saved[s] * w + x * (1 - w)   # Solar Pro: weight on the earlier, saved state
+            x = layer(x, cos, sin, mask, cache, i, write)
+        return x
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, write: CacheWrite) -> torch.Tensor:
+        """One token per row (tokens [B]) into a static cache at a write planned beforehand ->
+        next-token logits [B, V]. Only tensor work with fixed shapes (every key of the cache is
+        read, masked by position): what a compiled decoder (CUDA graphs) replays; the caller
+        advances cache.lengths."""
+        x = self._trunk(tokens[:, None], write.positions, self._cache_mask(write, 1), cache, write)
+        x = self.norm(x[:, -1])
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
 
     def _use_flex(self, device) -> bool:

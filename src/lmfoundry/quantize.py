@@ -3,7 +3,8 @@ and the one loader that applies them for generate, chat, serve and eval.
 
     native_bf16("cpu")                 does this device multiply bf16 natively (and why)
     quantize(model, "int8")            every linear layer -> Int8Linear, in place (inference only)
-    load_for_inference(path, dtype="bf16", quantize="int8")   load_model + the above
+    load_for_inference(path, dtype="bf16", quantize_method="int8", compile=True)
+                                       load_model + the above (+ a compiled decode step)
 
 int8 weight-only: each output channel's weights are scaled so their largest magnitude is 127
 (symmetric, per channel) and rounded; activations stay in floating point. The product runs in
@@ -118,10 +119,12 @@ def quantize(model, method: str = "int8"):
 
 # ---------------------------------------------------------------- the one loader
 
-def load_for_inference(path, dtype: str | None = "auto", quantize_method: str | None = None, device=None):
+def load_for_inference(path, dtype: str | None = "auto", quantize_method: str | None = None, device=None,
+                       compile: bool = False):
     """The model generate, chat, serve and eval run: load_model in `dtype` (auto: the checkpoint's),
     then, with quantize_method "int8", int8 weight-only linears (and, unless a dtype was given,
-    bf16 for the rest: the int8 kernel multiplies in bf16)."""
+    bf16 for the rest: the int8 kernel multiplies in bf16); with `compile`, one compiled decode
+    step over a static KV cache (generate.compile_decoding)."""
     from .checkpoint import load_model
     from .checkpoint.io import parse_dtype
     dtype = parse_dtype(dtype)
@@ -130,4 +133,9 @@ def load_for_inference(path, dtype: str | None = "auto", quantize_method: str | 
     if quantize_method is not None and dtype is None:
         dtype = torch.bfloat16
     model = load_model(path, dtype=dtype, device=device)
-    return quantize(model, quantize_method) if quantize_method else model
+    if quantize_method:
+        quantize(model, quantize_method)
+    if compile:
+        from .generate import compile_decoding
+        compile_decoding(model)
+    return model

@@ -303,7 +303,8 @@ class Checkpoints:
                  "schedule": {"name": cfg.schedule, "lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps,
                               "min_lr_ratio": cfg.min_lr_ratio, "decay_frac": cfg.decay_frac},
                  "objective_state": objective_state, "config": dataclasses.asdict(cfg), "run": self.run_info or {},
-                 "export": {"format": export.get("format"), "dtype": export.get("dtype") and dtype_name(export["dtype"]),
+                 "export": {"format": export.get("format"),
+                            "dtype": export.get("dtype") and dtype_name(export["dtype"]),
                             "tokenizer_from": export.get("tokenizer_from") and str(export["tokenizer_from"])}}
         try:
             text = json.dumps(state, indent=1)

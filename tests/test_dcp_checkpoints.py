@@ -20,7 +20,7 @@ from lmfoundry.checkpoint import load_model
 from lmfoundry.checkpoint.sharded import export_checkpoint, read_tensor, stored_tensors
 from lmfoundry.cli import main
 from lmfoundry.train import ListBatches, NextToken, TrainConfig, WholeModel, latest_checkpoint, train
-from test_train_distributed import ACCUM, ROWS, FailAt, free_port, global_batches, tiny
+from test_train_distributed import ACCUM, FailAt, free_port, global_batches, join, tiny
 
 STEPS = 6
 
@@ -38,12 +38,8 @@ def same_files(a, b, besides=()):
 
 
 def worker(rank, world, port, out, tokenizer_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    mine = join(rank, world, port)
     try:
-        rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
-        mine = [{k: v[rows] for k, v in b.items()} for b in global_batches()]
         kw = dict(tokenizer_from=tokenizer_dir, format="mistral")
         try:        # crash during step 5: the newest checkpoint is step 4
             train(tiny(), ListBatches(mine), FailAt(4 * ACCUM), config(fsdp=True), f"{out}/cut", **kw)

@@ -110,7 +110,7 @@ def token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: t
     return model(input_ids, doc_ids=doc_ids, head=head)
 
 
-LOGITS_PER_CHUNK = 2 ** 23    # logits held at once by label_logps (32 MiB in fp32)
+LOGITS_PER_CHUNK = 2 ** 25    # logits held at once (128 MiB fp32; fewer chunks: fewer passes over the weight grad)
 
 
 def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, summed: bool = False):
@@ -136,6 +136,15 @@ def _chunk_logps(h, w, y):
     return logits, logits.gather(1, y[:, None])[:, 0] - lse, lse
 
 
+def _add_weight_grad(grad_w, d, h, buffer):
+    """grad_w (fp32 [V, D]) += d.T @ h without a fresh [V, D] temporary per chunk (allocating and
+    faulting one in for every chunk costs more than the product at large vocabularies)."""
+    if d.dtype == grad_w.dtype:
+        grad_w.addmm_(d.t(), h)
+    else:
+        grad_w.add_(torch.mm(d.t(), h, out=buffer))
+
+
 def _minus_softmax_plus_onehot(logits, lse, y, scale=None):
     """d log p(y) / d logits = onehot(y) - softmax, in place over logits (times `scale` per row)."""
     d = logits.sub_(lse[:, None]).exp_().neg_()
@@ -155,6 +164,8 @@ class _SummedLabelLogps(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        buffer = torch.empty(weight.shape, dtype=dtype, device=weight.device) if want_w and dtype != torch.float32 \
+            else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for i in range(0, hidden.shape[0], rows):
@@ -166,7 +177,7 @@ class _SummedLabelLogps(torch.autograd.Function):
                     if want_h:
                         grad_h[i:i + rows] = d @ w
                     if want_w:
-                        grad_w += (d.t() @ h).float()
+                        _add_weight_grad(grad_w, d, h, buffer)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -201,11 +212,13 @@ class _LabelLogps(torch.autograd.Function):
         w = weight.to(ctx.dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = torch.empty(weight.shape, dtype=ctx.dtype, device=weight.device) if ctx.dtype != torch.float32 \
+            else None
         for i in range(0, hidden.shape[0], ctx.rows):
             h, y, g = hidden[i:i + ctx.rows].to(ctx.dtype), labels[i:i + ctx.rows], grad[i:i + ctx.rows]
             d = _minus_softmax_plus_onehot(F.linear(h, w).float(), lse[i:i + ctx.rows], y, g).to(ctx.dtype)
             grad_hidden[i:i + ctx.rows] = d @ w
-            grad_weight += (d.t() @ h).float()
+            _add_weight_grad(grad_weight, d, h, buffer)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 

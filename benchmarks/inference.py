@@ -107,8 +107,10 @@ def main():
                         if r:
                             times[v][k].append(t)
         med = {v: {k: statistics.median(ts) for k, ts in t.items()} for v, t in times.items()}
-        rows = {v: (B * args.prompt_len / m["prefill"], B * n / max(m["gen"] - m["short"], 1e-9)) for v, m in med.items()}
-        print(f"\nbatch {B}: prompt {args.prompt_len} tokens, {n} decoded tokens; load average {os.getloadavg()[0]:.1f}")
+        rows = {v: (B * args.prompt_len / m["prefill"], B * n / max(m["gen"] - m["short"], 1e-9))
+                for v, m in med.items()}
+        print(f"\nbatch {B}: prompt {args.prompt_len} tokens, {n} decoded tokens; "
+              f"load average {os.getloadavg()[0]:.1f}")
         print(f"  {'variant':<16}{'prefill tok/s':>15}{'decode tok/s':>14}{'vs our fp32':>14}{'vs hf same dtype':>18}")
         for v, (pre, dec) in rows.items():
             base = rows.get("fp32")

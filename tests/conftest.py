@@ -1,8 +1,13 @@
 """Shared fixtures: tiny random checkpoints made by transformers' own save_pretrained."""
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(1)   # CI has 2 cores and runs 2 pytest workers
+# Training dtype "auto" means bf16 on CPUs with bf16 units: pin fp32 so the suite's numbers do not
+# depend on the machine (also in the torchrun subprocesses). Tests of bf16 ask for it explicitly.
+os.environ["LMFOUNDRY_CPU_BF16"] = "0"
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, rms_norm_eps=1e-5, max_position_embeddings=256)

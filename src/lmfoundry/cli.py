@@ -15,7 +15,12 @@ from .errors import LMFoundryError
 
 def _model_arg(p):
     p.add_argument("model", help="a Hugging Face checkpoint directory or a GGUF file")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's; "
+                   "bfloat16 with --quantize)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only linear layers "
+                   "(per-channel symmetric; activations in --dtype)")
+    p.add_argument("--compile", action="store_true", help="decode with one compiled step over a static KV cache "
+                   "(CUDA graphs on GPU); falls back to eager with a warning if the compiler fails")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
 
 
@@ -37,9 +42,10 @@ def _sampling(args):
 
 
 def _load(args):
-    from .checkpoint import load_model
+    from .quantize import load_for_inference
     from .tokenizer import load_tokenizer
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_for_inference(args.model, dtype=args.dtype, quantize_method=args.quantize, device=args.device,
+                               compile=args.compile)
     return model, load_tokenizer(args.model)
 
 
@@ -230,8 +236,9 @@ def cmd_train(args):
 
 def _eval_lm(args):
     from .eval import LM
-    return LM.load(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                   max_length=getattr(args, "max_length", None), share_prefix=not getattr(args, "no_share_prefix", False))
+    return LM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
+                   batch_size=args.batch_size, max_length=getattr(args, "max_length", None),
+                   share_prefix=not getattr(args, "no_share_prefix", False))
 
 
 def _write_json(path, obj):
@@ -336,7 +343,8 @@ def cmd_serve(args):
     from .serve.api import api_key_from_env, serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
           max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
-          max_model_len=args.max_model_len, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+          max_model_len=args.max_model_len, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+          device=args.device,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level, allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
 
@@ -346,9 +354,10 @@ def build_parser():
                                 "Llama-family models as plain Hugging Face checkpoints.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    from .checkpoint.sharded import add_parser as add_export_verbs
     from .curate.cli import add_parser as add_data_verbs
     for add in (_add_generation_verbs, _add_checkpoint_verbs, _add_tokenizer_verbs, _add_training_verbs,
-                _add_eval_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs):
+                _add_eval_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs, add_export_verbs):
         add(sub)
     return p
 

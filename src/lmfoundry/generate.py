@@ -2,6 +2,7 @@
 
     prefill(model, cache, prompts)        prompts into empty (or partly filled) cache rows -> next-token logits
     decode_step(model, cache, tokens)     one token per row -> next-token logits
+    compile_decoding(model)               decode_step through one compiled step over a static cache
     Sampler(prompt, params, config)       one request's sampling and stopping state
     sample(samplers, logits)              the next token of every row, and log-probs where asked
     generate(model, prompts, ...)         static batches: the four above, in a loop
@@ -223,8 +224,35 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def decode_step(model, cache, tokens: torch.Tensor) -> torch.Tensor:
-    """Append one token per row (LongTensor [R]) and return the logits [R, V] that follow."""
-    return model(tokens.to(model.device)[:, None], cache, last_only=True)[:, -1]
+    """Append one token per row (LongTensor [R]) and return the logits [R, V] that follow; through
+    the model's compiled step when compile_decoding() gave it one and the cache is static."""
+    step = getattr(model, "compiled_decode", None)
+    if step is None or not cache.static:
+        return model(tokens.to(model.device)[:, None], cache, last_only=True)[:, -1]
+    write = cache.plan(1, model.device)
+    try:
+        logits = step(tokens.to(model.device), cache, write)
+    except Exception as e:   # the compiler is missing or failed: say so once, then decode eagerly
+        import warnings
+        warnings.warn(f"compiled decoding failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "decoding without compilation", stacklevel=2)
+        model.compiled_decode = None
+        logits = model.decode(tokens.to(model.device), cache, write)
+    cache.lengths += 1
+    return logits.clone()        # (CUDA graphs reuse their output buffer)
+
+
+def compile_decoding(model, mode: str | None = None):
+    """Give `model` one compiled decode step over a static KV cache (torch.compile of
+    Transformer.decode, fixed shapes: one graph per batch size and cache length; on GPU with
+    CUDA graphs, mode "reduce-overhead"); decode_step and every driver then use it. The cache
+    becomes static (model.new_cache), so rows of different lengths still decode together.
+    Compilation happens at the first step; if the compiler is unavailable or fails there, a
+    warning says so and decoding continues uncompiled. Returns the model."""
+    if mode is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+    model.compiled_decode = torch.compile(model.decode, mode=mode, dynamic=False)
+    return model
 
 
 def check_prompts(prompts, params: Sequence[SamplingParams], config, tokenizer) -> None:

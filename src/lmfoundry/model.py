@@ -1,10 +1,15 @@
 """The Transformer: one decoder-only model whose behaviour is decided by a ModelConfig.
 
 Pre-norm residual blocks of RMSNorm -> attention (RoPE in the Hugging Face rotate-half
-layout, MHA/GQA/MQA through scaled_dot_product_attention, optional q/k RMSNorm, optional
-sliding window) and RMSNorm -> SwiGLU. Solar Pro's weighted skip connections blend a saved
-residual stream back in before chosen layers. A static KV cache with one length per row serves
-every decoder (generate's static batches, the serving engine's continuous batching).
+layout, MHA/GQA/MQA, optional q/k RMSNorm, optional sliding window) and RMSNorm -> SwiGLU.
+Solar Pro's weighted skip connections blend a saved residual stream back in before chosen
+layers. A static KV cache with one length per row serves every decoder (generate's static
+batches, the serving engine's continuous batching).
+
+Attention runs through scaled_dot_product_attention with a dense boolean mask where one is
+needed (packed documents, sliding windows, rows of different lengths): the reference, and what
+runs on CPU. With `attn_impl` "flex" (the default "auto" picks it on GPU) the same masks are
+FlexAttention block masks instead, so memory does not grow with T^2; tests hold both equal.
 
 Parameter names are the canonical layout (ModelConfig.shapes()); checkpoint formats map
 them to each architecture's Hugging Face names.
@@ -22,6 +27,38 @@ from .config import ModelConfig
 from .errors import GenerationError
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)   # enable_gqa arrived in 2.5
+ATTN_IMPLS = ("auto", "dense", "flex")
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, block_mask, enable_gqa):
+    """FlexAttention; on GPU through torch.compile (its eager form is a reference that builds the
+    whole score matrix), on CPU eager (the tests' path: same math as the fused kernel)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    fn = flex_attention
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def _block_mask(mask_mod, B, T, S, device):
+    """A FlexAttention BlockMask of mask_mod over [B, T queries, S keys] (shared by all heads);
+    on GPU built by a compiled pass that never holds the dense [T, S] mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(mask_mod, B, None, T, S, device=device, _compile=torch.device(device).type == "cuda")
 
 
 class RMSNorm(nn.Module):
@@ -79,10 +116,12 @@ class KVCache:
     prefilled together: the padding's keys land after a row's end, where the row's next real
     tokens overwrite them before anything can read them, and the caller then sets `lengths` to
     the real lengths. `rows(lo, hi)` is a view of a range of rows that shares storage and lengths.
+    A `static` cache keeps every shape fixed (each forward reads all max_len keys, masked): what a
+    compiled decode step needs (generate.compile_decoding).
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None):
-        self.max_len = max_len
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=None, device=None, static: bool = False):
+        self.max_len, self.static = max_len, static
         self.k = [torch.zeros(batch, kv, max_len, cfg.head_dim, dtype=dtype, device=device) for kv in cfg.n_kv_heads]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.lengths = torch.zeros(batch, dtype=torch.long)
@@ -90,7 +129,7 @@ class KVCache:
     def rows(self, lo: int, hi: int) -> "KVCache":
         """Rows [lo, hi) as a cache of their own (their keys and lengths are this cache's)."""
         view = KVCache.__new__(KVCache)
-        view.max_len, view.lengths = self.max_len, self.lengths[lo:hi]
+        view.max_len, view.lengths, view.static = self.max_len, self.lengths[lo:hi], self.static
         view.k, view.v = [k[lo:hi] for k in self.k], [v[lo:hi] for v in self.v]
         return view
 
@@ -104,9 +143,11 @@ class KVCache:
         if end > self.max_len:
             raise GenerationError(f"KV cache holds {self.max_len} tokens per row; cannot append {T} after "
                                   f"{end - T}")
+        positions = lengths.to(device, non_blocking=True)[:, None] + torch.arange(T, device=device)
+        if self.static:               # fixed shapes: read every key, write by position
+            return CacheWrite(positions, self.max_len, None)
         start = int(lengths[0])
         uniform = bool((lengths == start).all())
-        positions = lengths.to(device, non_blocking=True)[:, None] + torch.arange(T, device=device)
         return CacheWrite(positions, end, start if uniform else None)
 
     def update(self, layer: int, k, v, write: "CacheWrite"):
@@ -152,7 +193,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, write)
         groups = self.n_heads // self.n_kv_heads
-        if T == 1 and groups > 1 and (mask is None or mask.shape[0] == B):
+        if mask is not None and not isinstance(mask, torch.Tensor):   # a FlexAttention BlockMask
+            y = _flex_attention(q, k, v, mask, groups > 1)
+        elif T == 1 and groups > 1 and (mask is None or mask.shape[0] == B):
             # One query per row: fold the query heads of each kv group into the query axis,
             # so keys and values are read once per group instead of being repeated.
             q = q.reshape(B, self.n_kv_heads, groups, self.head_dim)
@@ -201,6 +244,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.attn_impl = "auto"   # how masked attention runs: dense (SDPA + boolean mask), flex, auto
         # skip-connection plan: for each layer, the slots it saves into and blends from
         self._saves = [[s for s, idx in enumerate(cfg.skip_save) if i in idx] for i in range(cfg.n_layers)]
         self._blends = [[s for s, idx in enumerate(cfg.skip_blend) if i in idx] for i in range(cfg.n_layers)]
@@ -224,11 +268,19 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.embed.weight.dtype
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight [V, D]: lm_head's, or the embeddings' when they are tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+        """A cache for `batch` rows of `max_len` tokens (static when decoding is compiled)."""
+        static = getattr(self, "compiled_decode", None) is not None
+        return KVCache(self.config, batch, max_len, self.dtype, self.device, static=static)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                doc_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None):
+                doc_ids: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                hidden: bool = False, head=None):
         """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only, or at one position per
         row with logits_at, a LongTensor [B] of positions in 0..T-1).
 
@@ -236,24 +288,45 @@ class Transformer(nn.Module):
         appended to it. `doc_ids` [B, T] marks packed documents (training): a token attends
         only to earlier tokens of its own document, and RoPE positions restart at 0 at every
         document start, so a packed row computes exactly what each document computes alone.
+
+        hidden: return the final-normed hidden states [B, T, D] instead of logits (a reward head
+        reads them). head: a function (hidden [B, T, D], output weight [V, D]) -> anything, run
+        inside this forward instead of the output layer (the chunked loss: under FSDP2 the
+        sharded output weight is gathered for exactly this call).
         """
         B, T = tokens.shape
         write = None
+        flex = self._use_flex(tokens.device)
         if cache is not None:
             if doc_ids is not None:
                 raise GenerationError("doc_ids (packed documents) cannot be combined with a KV cache")
             write = cache.plan(T, tokens.device)
-            positions, mask = write.positions, self._cache_mask(write, T)
+            positions, mask = write.positions, self._cache_mask(write, T, flex)
         else:
             positions = torch.arange(T, device=tokens.device)[None]
             if doc_ids is not None:
                 positions = positions - _doc_starts(doc_ids)
-            mask = self._mask(T, doc_ids, tokens.device)
+            mask = self._mask(T, doc_ids, tokens.device, flex)
+        x = self._trunk(tokens, positions, mask, cache, write)
+        if cache is not None:
+            cache.lengths += T
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at.to(x.device)][:, None]
+        elif last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if hidden:
+            return x
+        if head is not None:
+            return head(x, self.output_weight)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+
+    def _trunk(self, tokens, positions, mask, cache, write):
+        """Embeddings, RoPE and every block (with Solar Pro's skips): the hidden states before the final norm."""
         freqs = positions[..., None].float() * self.inv_freq          # [B or 1, T, hd/2], fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]               # [B or 1, 1, T, hd]
         x = self.embed(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
         saved = [None] * len(self.config.skip_save)
         w = self.config.skip_weights[0 if self.training else 1]
         for i, layer in enumerate(self.layers):
@@ -262,22 +335,42 @@ class Transformer(nn.Module):
             for s in self._blends[i]:
                 x = saved[s] * w + x * (1 - w)   # Solar Pro: weight on the earlier, saved state
             x = layer(x, cos, sin, mask, cache, i, write)
-        if cache is not None:
-            cache.lengths += T
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at.to(x.device)][:, None]
-        elif last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+        return x
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, write: CacheWrite) -> torch.Tensor:
+        """One token per row (tokens [B]) into a static cache at a write planned beforehand ->
+        next-token logits [B, V]. Only tensor work with fixed shapes (every key of the cache is
+        read, masked by position): what a compiled decoder (CUDA graphs) replays; the caller
+        advances cache.lengths."""
+        x = self._trunk(tokens[:, None], write.positions, self._cache_mask(write, 1), cache, write)
+        x = self.norm(x[:, -1])
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
 
-    def _cache_mask(self, write: CacheWrite, T: int):
+    def _use_flex(self, device) -> bool:
+        """FlexAttention where asked (auto: on GPU) and where it runs: its backward is GPU-only,
+        so a CPU forward that records gradients takes the dense path."""
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
+        on_gpu = torch.device(device).type == "cuda"
+        if self.attn_impl == "dense" or not flex_available() or (not on_gpu and torch.is_grad_enabled()):
+            return False
+        return on_gpu or self.attn_impl == "flex"
+
+    def _cache_mask(self, write: CacheWrite, T: int, flex: bool = False):
         """[B, 1, T, end]: the query at positions[b, t] sees keys [0, positions[b, t]] of its row
-        (within the sliding window, if any); None when plain causal attention computes that."""
+        (within the sliding window, if any); None when plain causal attention computes that.
+        With `flex`, the same mask as a FlexAttention BlockMask."""
         window = self.config.sliding_window
         windowed = window is not None and write.end > window
         if write.start is not None and not windowed and (T == 1 or write.start == 0):
             return None
+        if flex:
+            positions = write.positions
+
+            def visible(b, h, q, k):
+                seen = k <= positions[b, q]
+                return seen & (positions[b, q] - k < window) if windowed else seen
+            return _block_mask(visible, positions.shape[0], T, write.end, positions.device)
         q = write.positions[:, None, :, None]
         k = torch.arange(write.end, device=q.device)
         allowed = k <= q
@@ -285,13 +378,20 @@ class Transformer(nn.Module):
             allowed = allowed & (q - k < window)
         return allowed
 
-    def _mask(self, T: int, doc_ids, device):
+    def _mask(self, T: int, doc_ids, device, flex: bool = False):
         """Without a cache: None for plain causal attention, else a boolean mask [B or 1, 1, T, T]
-        (sliding window, packed documents)."""
+        (sliding window, packed documents), or with `flex` the same as a FlexAttention BlockMask."""
         window = self.config.sliding_window
         windowed = window is not None and T > window
         if doc_ids is None and not windowed:
             return None
+        if flex:
+            def visible(b, h, q, k):
+                seen = k <= q
+                if windowed:
+                    seen = seen & (q - k < window)
+                return seen & (doc_ids[b, q] == doc_ids[b, k]) if doc_ids is not None else seen
+            return _block_mask(visible, None if doc_ids is None else doc_ids.shape[0], T, T, device)
         q = torch.arange(T, device=device)[:, None]
         k = torch.arange(T, device=device)[None]
         allowed = k <= q

@@ -120,10 +120,14 @@ def _more(names: list) -> str:
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, Format, dict[str, Callable[[], torch.Tensor]]]:
     """Config, format and canonical name -> loader of each tensor (see Checkpoint); a GGUF file
-    is dequantized on load (checkpoint/gguf.py)."""
+    is dequantized on load (checkpoint/gguf.py); a training checkpoint (OUT/checkpoints/step-N)
+    is assembled from its shards (checkpoint/sharded.py)."""
     from .gguf import is_gguf, read_gguf
+    from .sharded import is_sharded, read_sharded
     if is_gguf(path):
         return read_gguf(path)
+    if is_sharded(path):
+        return read_sharded(path)
     ckpt = Checkpoint(path)
     return ckpt.config, ckpt.format, ckpt.loaders()
 

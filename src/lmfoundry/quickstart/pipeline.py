@@ -346,7 +346,7 @@ class Quickstart:
                  "warmup": min(self.plan.warmup, steps // 5), "eval_every": max(1, steps // self.plan.eval_points),
                  "eval_batches": self.plan.eval_batches, "save_every": max(10, steps // 4), "keep_checkpoints": 1,
                  "seed": self.seed, "progress": self.progress, "resume": resume, "overwrite": not resume,
-                 "device": "cpu", **extra}
+                 "device": "cpu", "dtype": "float32", **extra}   # fp32: the same report on every CPU
         if corpus is not None:
             flags["tokenized"] = str(self.work / "tokenized" / corpus)
         if resume:

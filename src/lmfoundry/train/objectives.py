@@ -33,6 +33,7 @@ predicted, so no shifting happens here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from contextlib import nullcontext
@@ -84,7 +85,7 @@ class NextToken:
         return batch["input_ids"].numel()
 
     def __call__(self, model, batch):
-        return -token_logps(model, batch["input_ids"], batch["labels"], batch.get("doc_ids")).sum(), {}
+        return -token_logps(model, batch["input_ids"], batch["labels"], batch.get("doc_ids"), summed=True), {}
 
 
 class SFT(NextToken):
@@ -94,12 +95,131 @@ class SFT(NextToken):
     name = "sft"
 
 
-def token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None):
+def token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                summed: bool = False):
     """log p(labels[b, t] | input_ids[b, :t+1]) in fp32 [B, T], 0 where labels are -100: the one place
-    every objective gets label log-probs from the model (cross-entropy is minus their sum)."""
-    logits = model(input_ids, doc_ids=doc_ids)
-    return -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                            reduction="none").view(labels.shape)
+    every objective gets label log-probs from the model (cross-entropy is minus their sum).
+    summed: their sum over the labelled tokens instead, a scalar (next-token and SFT losses), whose
+    gradients are computed in the same pass over the logits (3 matrix products per chunk, as the
+    full-logits loss; the per-token form recomputes each chunk in backward: 4).
+
+    The output layer runs inside the model's forward (`head=`, so FSDP2 gathers its sharded weight
+    for it) through label_logps: only labelled positions, a few rows of logits at a time, so the
+    [B, T, V] logits are never built."""
+    head = functools.partial(label_logps, labels=labels, summed=summed)
+    return model(input_ids, doc_ids=doc_ids, head=head)
+
+
+LOGITS_PER_CHUNK = 2 ** 25    # logits held at once (128 MiB fp32; fewer chunks: fewer passes over the weight grad)
+
+
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, summed: bool = False):
+    """log_softmax(hidden @ weight.T)[..., labels] in fp32 (shape of labels; 0 where labels are -100),
+    or with `summed` their sum, computed over chunks of LOGITS_PER_CHUNK logits: the loss and
+    gradients of F.cross_entropy on the full logits, at the memory of one chunk. Under autocast
+    the matrix products run in its dtype, as F.linear would."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    keep = labels != IGNORE
+    rows = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    if summed:
+        return _SummedLabelLogps.apply(hidden[keep], weight, labels[keep], rows, dtype)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    out[keep] = _LabelLogps.apply(hidden[keep], weight, labels[keep], rows, dtype)
+    return out
+
+
+def _chunk_logps(h, w, y):
+    """(logits [n, V] fp32, log-probs of labels y [n], logsumexp [n]) of one chunk."""
+    logits = F.linear(h, w).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits, logits.gather(1, y[:, None])[:, 0] - lse, lse
+
+
+def _add_weight_grad(grad_w, d, h, buffer):
+    """grad_w (fp32 [V, D]) += d.T @ h without a fresh [V, D] temporary per chunk (allocating and
+    faulting one in for every chunk costs more than the product at large vocabularies)."""
+    if d.dtype == grad_w.dtype:
+        grad_w.addmm_(d.t(), h)
+    else:
+        grad_w.add_(torch.mm(d.t(), h, out=buffer))
+
+
+def _minus_softmax_plus_onehot(logits, lse, y, scale=None):
+    """d log p(y) / d logits = onehot(y) - softmax, in place over logits (times `scale` per row)."""
+    d = logits.sub_(lse[:, None]).exp_().neg_()
+    if scale is not None:
+        d.mul_(scale[:, None])
+    d[torch.arange(len(y), device=d.device), y] += 1 if scale is None else scale
+    return d
+
+
+class _SummedLabelLogps(torch.autograd.Function):
+    """Σ label log-probs of hidden [N, D] under weight [V, D]; gradients made chunk by chunk in
+    forward (the output is a scalar, so backward only scales them)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows, dtype):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        buffer = torch.empty(weight.shape, dtype=dtype, device=weight.device) if want_w and dtype != torch.float32 \
+            else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, hidden.shape[0], rows):
+                h, y = hidden[i:i + rows].to(dtype), labels[i:i + rows]
+                logits, logps, lse = _chunk_logps(h, w, y)
+                total += logps.sum()
+                if want_h or want_w:
+                    d = _minus_softmax_plus_onehot(logits, lse, y).to(dtype)
+                    if want_h:
+                        grad_h[i:i + rows] = d @ w
+                    if want_w:
+                        _add_weight_grad(grad_w, d, h, buffer)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad).to(ctx.weight_dtype), None, None, None)
+
+
+class _LabelLogps(torch.autograd.Function):
+    """Label log-probs of hidden [N, D] under weight [V, D], `rows` rows of logits at a time.
+    Backward recomputes each chunk's logits: d logp / d logits = onehot(label) - softmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            logps, lse = [], []
+            for h, y in zip(hidden.split(rows), labels.split(rows)):
+                _, lp, ls = _chunk_logps(h.to(dtype), w, y)
+                logps.append(lp)
+                lse.append(ls)
+        ctx.save_for_backward(hidden, weight, labels, torch.cat(lse) if lse else hidden.new_zeros(0))
+        ctx.rows, ctx.dtype = rows, dtype
+        return torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = torch.empty(weight.shape, dtype=ctx.dtype, device=weight.device) if ctx.dtype != torch.float32 \
+            else None
+        for i in range(0, hidden.shape[0], ctx.rows):
+            h, y, g = hidden[i:i + ctx.rows].to(ctx.dtype), labels[i:i + ctx.rows], grad[i:i + ctx.rows]
+            d = _minus_softmax_plus_onehot(F.linear(h, w).float(), lse[i:i + ctx.rows], y, g).to(ctx.dtype)
+            grad_hidden[i:i + ctx.rows] = d @ w
+            _add_weight_grad(grad_weight, d, h, buffer)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,7 +162,8 @@ SETTINGS: dict[str, Setting] = {
     "save_every": S(int, 0, "checkpoint every N steps (always at the end)", check=NONNEG, train=True),
     "keep_checkpoints": S(int, 3, "newest checkpoints kept (0: all)", check=NONNEG, train=True),
     "device": S(str, "auto", "auto, cpu, cuda, cuda:1 ...", train=True),
-    "dtype": S(str, "auto", "autocast dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16",
+    "dtype": S(str, "auto", "autocast dtype: auto (bf16 where the GPU/CPU has bf16 units, else fp32), float32, "
+               "bfloat16",
                check=one_of("auto", "float32", "fp32", "bfloat16", "bf16"), train=True),
     "save_dtype": S(str, None, "dtype of the final weights (default: the model's)", train=True),
     "compile": S(bool, False, "torch.compile each block", train=True),

@@ -3,16 +3,22 @@
     OUT/                         the final model (what the trainable exports; for the whole
                                  model a Hugging Face directory in the model's format)
     OUT/metrics.jsonl            one JSON object per logged step (metrics.py)
-    OUT/checkpoints/step-N/      the trained weights (a Hugging Face directory in fp32 when they
-                                 are the whole model, else trainable.safetensors)
-                                 + optimizer.safetensors (AdamW moments)
+    OUT/checkpoints/step-N/      state/*.safetensors: every rank's shards of the weights (fp32) and
+                                   AdamW moments, written by torch.distributed.checkpoint
+                                   (checkpoint/sharded.py); a resume reshards them onto any number
+                                   of processes. Trainables without sharded_state_dict() keep
+                                   their (small) tensors whole in trainable.safetensors instead
+                                 + config.json and tokenizer files when the weights are the whole
+                                   model: the directory then loads (load_model, eval, serve) and
+                                   exports (`lmfoundry export-checkpoint`) as a model
                                  + objective.safetensors (tensors of an objective's state, if any)
                                  + trainer_state.json (step, tokens, data position, schedule, RNG,
-                                   optimizer scalars, objective state, config, run settings)
+                                   optimizer groups, objective state, config, run settings, export)
     OUT/checkpoints/dpo_reference.safetensors   files an objective keeps across resumes
 
-Each step directory is written under a temporary name and renamed into place, so a complete
-one is all that a resume ever finds. Nothing is ever pickled.
+Each step directory is written under a temporary name (every rank writes its shards there) and
+renamed into place after trainer_state.json, so a process killed mid-save (even kill -9) leaves
+the last complete checkpoint as the newest a resume finds. Nothing is ever pickled.
 """
 from __future__ import annotations
 
@@ -31,11 +37,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import read_checkpoint, write_checkpoint
+from ..checkpoint import FORMATS, write_checkpoint
+from ..checkpoint.formats import config_to_hf, default_format
+from ..checkpoint.io import copy_tokenizer_files, dtype_name, write_json
+from ..checkpoint.sharded import export_checkpoint, is_sharded, load_state, save_state
 from ..errors import TrainError
 from . import distributed as D
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -171,19 +180,6 @@ def split_tensors(flat: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
 
 
-def optimizer_flat(osd: dict) -> dict:
-    """A torch optimizer state dict's per-parameter state as {"param/key": value}."""
-    return {f"{name}/{key}": value for name, st in osd["state"].items() for key, value in st.items()}
-
-
-def optimizer_state(flat: dict, param_groups: list) -> dict:
-    state: dict[str, dict] = {}
-    for full, value in flat.items():
-        name, key = full.rsplit("/", 1)
-        state.setdefault(name, {})[key] = value
-    return {"state": state, "param_groups": param_groups}
-
-
 def _b64(t: torch.Tensor | np.ndarray) -> str:
     a = t.numpy() if isinstance(t, torch.Tensor) else t
     return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
@@ -252,16 +248,29 @@ class Checkpoints:
         self.committed = {"data": self.stream.state_dict(), "rng": capture_rng(), "objective": state}
 
     def save(self, step: int, tokens_seen: int) -> Path:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        weights = self.trainable.state_dict(self.model)                   # collective under FSDP
-        osd = get_optimizer_state_dict(self.model, self.optimizer,
-                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        final = self.root / f"step-{step:08d}"
-        if D.rank_and_world()[0] == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = self.root / f".step-{step:08d}.partial"
+        """Every rank writes its shards into a staging directory; rank 0 adds the rest, then
+        renames it into place and drops the oldest beyond keep_checkpoints."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        rank = D.rank_and_world()[0]
+        final, staging = self.root / f"step-{step:08d}", self.root / f".step-{step:08d}.partial"
+        if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-            self._write(staging, weights, osd, step, tokens_seen)
+            staging.mkdir(parents=True)
+        D.barrier()
+        osd = get_optimizer_state_dict(self.model, self.optimizer)         # this rank's shards
+        tensors, whole = {"optimizer": osd["state"]}, None
+        sharded = self._sharded_weights()
+        if sharded is not None:
+            tensors["model"] = sharded
+        else:
+            whole = self.trainable.state_dict(self.model)                   # full tensors (collective)
+        save_state(staging, tensors)
+        if rank == 0:
+            if whole is not None:
+                save_file(split_tensors(whole)[0], str(staging / "trainable.safetensors"))
+            elif set(self.model.config.shapes()) <= set(tensors["model"]):  # the whole model: loadable
+                self._write_model_files(staging)
+            self._write_state(staging, osd["param_groups"], step, tokens_seen)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -273,26 +282,30 @@ class Checkpoints:
         self.last_saved = step
         return final
 
-    def _write(self, staging: Path, weights: dict, osd: dict, step: int, tokens_seen: int):
-        if set(self.model.config.shapes()) <= set(weights):          # the whole model: a loadable checkpoint
-            write_checkpoint(staging, self.model.config, weights, tokenizer_from=self.export.get("tokenizer_from"),
-                             format=self.export.get("format"), overwrite=True)
-        else:
-            staging.mkdir(parents=True)
-            save_file(split_tensors(weights)[0], str(staging / "trainable.safetensors"))
-        opt_tensors, opt_scalars = split_tensors(optimizer_flat(osd))
-        save_file(opt_tensors, str(staging / "optimizer.safetensors"))
+    def _sharded_weights(self) -> dict | None:
+        get = getattr(self.trainable, "sharded_state_dict", None)
+        return get(self.model) if callable(get) else None
+
+    def _write_model_files(self, staging: Path):
+        cfg, fmt = self.model.config, self.export.get("format")
+        hf = config_to_hf(cfg, FORMATS[fmt] if fmt else default_format(cfg))
+        copy_tokenizer_files(self.export.get("tokenizer_from"), staging)
+        write_json(staging / "config.json", dict(hf, torch_dtype="float32"))
+
+    def _write_state(self, staging: Path, param_groups: list, step: int, tokens_seen: int):
         tensors, objective_state = split_tensors(self.committed["objective"])
         if tensors:
             save_file(tensors, str(staging / "objective.safetensors"))
-        cfg = self.cfg
+        cfg, export = self.cfg, self.export
         state = {"version": STATE_VERSION, "step": step, "tokens_seen": tokens_seen, "objective": self.objective.name,
                  "world_size": D.rank_and_world()[1], "data": self.committed["data"],
-                 "rng": rng_state(self.committed["rng"]),
-                 "optimizer": {"param_groups": osd["param_groups"], "scalars": opt_scalars},
+                 "rng": rng_state(self.committed["rng"]), "optimizer": {"param_groups": param_groups},
                  "schedule": {"name": cfg.schedule, "lr": cfg.lr, "warmup": cfg.warmup, "steps": cfg.steps,
                               "min_lr_ratio": cfg.min_lr_ratio, "decay_frac": cfg.decay_frac},
-                 "objective_state": objective_state, "config": dataclasses.asdict(cfg), "run": self.run_info or {}}
+                 "objective_state": objective_state, "config": dataclasses.asdict(cfg), "run": self.run_info or {},
+                 "export": {"format": export.get("format"),
+                            "dtype": export.get("dtype") and dtype_name(export["dtype"]),
+                            "tokenizer_from": export.get("tokenizer_from") and str(export["tokenizer_from"])}}
         try:
             text = json.dumps(state, indent=1)
         except TypeError as e:
@@ -301,26 +314,26 @@ class Checkpoints:
         (staging / "trainer_state.json").write_text(text + "\n", encoding="utf-8")
 
     def load(self, path: Path) -> tuple[int, int]:
-        """Restore weights, optimizer, data position, RNG and objective state; (step, tokens seen)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        """Restore weights, optimizer, data position, RNG and objective state; (step, tokens seen).
+        The weights and moments are resharded onto this run's processes, however many; the data
+        position is rank 0's, which holds for any number of processes sharing the same global batch."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         if state.get("version") != STATE_VERSION:
-            raise TrainError(f"{path}/trainer_state.json: version {state.get('version')!r}, expected {STATE_VERSION}")
-        world = D.rank_and_world()[1]
-        if state["world_size"] != world:
-            raise TrainError(f"{path}: saved by {state['world_size']} process(es), resumed with {world}; the data "
-                             "position is per global batch, so resume with the same number of processes")
+            raise TrainError(f"{path}/trainer_state.json: version {state.get('version')!r}, expected {STATE_VERSION} "
+                             "(written by another lmfoundry version)")
+        rank, world = D.rank_and_world()
+        if state["world_size"] != world and rank == 0 and self.cfg.progress:
+            print(f"resuming {path.name}, saved by {state['world_size']} process(es), with {world}: the global batch "
+                  "(processes x --batch-size x --grad-accum) must be the same as before", flush=True)
+        tensors = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
         if (path / "trainable.safetensors").is_file():
-            weights = load_file(str(path / "trainable.safetensors"))
+            self.trainable.load_state_dict(self.model, load_file(str(path / "trainable.safetensors")))
         else:
-            cfg, _, loaders = read_checkpoint(path)
-            if cfg.shapes() != self.model.config.shapes():
-                raise TrainError(f"{path}: the checkpoint's model shape differs from the model being trained")
-            weights = {name: load() for name, load in loaders.items()}
-        self.trainable.load_state_dict(self.model, weights)
-        osd = optimizer_state({**_read_tensors(path / "optimizer.safetensors"), **state["optimizer"]["scalars"]},
-                              state["optimizer"]["param_groups"])
-        set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
+            tensors["model"] = self._sharded_weights()                         # filled in place
+        load_state(path, tensors)
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": tensors["optimizer"],
+                                                              "param_groups": state["optimizer"]["param_groups"]})
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         if callable(getattr(self.objective, "load_state_dict", None)):
@@ -331,14 +344,20 @@ class Checkpoints:
         return state["step"], state["tokens_seen"]
 
 
-def publish(out: Path, trainable, model, **export):
+def publish(out: Path, trainable, model, checkpoint: Path | None = None, **export):
     """The final model into OUT (which also holds metrics and checkpoints/): exported to a
     staging directory, then moved in file by file with os.replace, weights first and
-    config.json last, stale weight files of an earlier final model removed."""
+    config.json last, stale weight files of an earlier final model removed. When `checkpoint`
+    (the last step directory) holds the whole model, rank 0 streams the export from its shards
+    tensor by tensor (no process gathers the model); otherwise the trainable exports itself."""
     staging = out / ".final.partial"
     if D.rank_and_world()[0] == 0:
         shutil.rmtree(staging, ignore_errors=True)
-    trainable.export(model, staging, **export)                # collective; rank 0 writes
+    if checkpoint is not None and is_sharded(checkpoint):
+        if D.rank_and_world()[0] == 0:
+            export_checkpoint(checkpoint, staging, export.get("format"), export.get("dtype"), overwrite=True)
+    else:
+        trainable.export(model, staging, **export)            # collective; rank 0 writes
     if D.rank_and_world()[0] == 0:
         names = sorted(p.name for p in staging.iterdir())
         for old in out.iterdir():

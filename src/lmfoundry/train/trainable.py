@@ -14,9 +14,18 @@ The trainable protocol (train(..., trainable=...); any object with these works):
     export(model, path, format=, dtype=, tokenizer_from=)
                                            the final artifact, written to `path` by rank 0 (called
                                            on every rank: gathering is collective)
+  optional:
+    sharded_state_dict(model) -> {name: Tensor} | None
+                                           the same state as the model holds it (DTensor shards
+                                           under FSDP2), sharing its storage: checkpoints are then
+                                           written by every rank with torch.distributed.checkpoint
+                                           and loaded in place, resharded to any number of
+                                           processes; without it (or None) state_dict()'s full
+                                           tensors are kept whole (right for small adapters)
 
-WholeModel is today's behaviour: every weight, exported as a Hugging Face checkpoint in the
-model's format. Adapters (only the adapters trained and saved) and heads are other
+WholeModel is every weight, exported as a Hugging Face checkpoint in the model's format (the
+loop streams that export from the last sharded checkpoint; export() here gathers the full state
+and is the reference the tests compare it with). Adapters (only the adapters trained and saved) and heads are other
 implementations of the same four methods; the loop does not change for them.
 """
 from __future__ import annotations
@@ -48,6 +57,14 @@ class WholeModel:
 
     def state_dict(self, model) -> dict[str, torch.Tensor]:
         return full_state_dict(model)
+
+    def sharded_state_dict(self, model) -> dict[str, torch.Tensor] | None:
+        """Every weight, sharded as the model holds it; None for a subclass that redefines
+        state_dict (its own selection is then what checkpoints keep)."""
+        if type(self).state_dict is not WholeModel.state_dict:
+            return None
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(model)
 
     def load_state_dict(self, model, tensors: dict[str, torch.Tensor]):
         load_full_state_dict(model, tensors)

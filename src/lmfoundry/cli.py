@@ -17,6 +17,7 @@ def _model_arg(p):
     p.add_argument("model", help="a Hugging Face checkpoint directory or a GGUF file")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter folded into the weights")
 
 
 def _sampling_args(p, max_new_tokens=128, temperature=0.0):
@@ -39,7 +40,7 @@ def _sampling(args):
 def _load(args):
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     return model, load_tokenizer(args.model)
 
 
@@ -230,7 +231,7 @@ def cmd_train(args):
 
 def _eval_lm(args):
     from .eval import LM
-    return LM.load(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+    return LM.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter, batch_size=args.batch_size,
                    max_length=getattr(args, "max_length", None), share_prefix=not getattr(args, "no_share_prefix", False))
 
 
@@ -318,6 +319,7 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
           max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
           max_model_len=args.max_model_len, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+          adapter=args.adapter,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level, allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
 
@@ -518,6 +520,8 @@ def build_parser():
 
     from .curate.cli import add_parser as add_data_parser
     add_data_parser(sub)
+    from .peft_cli import add_parser as add_peft_parser
+    add_peft_parser(sub)
     return p
 
 

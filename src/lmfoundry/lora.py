@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint.formats import FORMATS, Format, default_format, weight_plan
+from .checkpoint.formats import FORMATS, Format, default_format, refusal, weight_plan
 from .checkpoint.io import atomic_dir, copy_tokenizer_files, read_json, write_json
 from .config import ModelConfig
 from .errors import AdapterError, CheckpointError
@@ -54,8 +54,9 @@ NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's block sizes (paper section 3; t
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."           # PeftModelForCausalLM.base_model (LoraModel) .model (the HF model)
 # PEFT key suffix -> (our slot, embedding?)
+# (PEFT also saves a targeted embedding or lm_head whole, as <module>.base_layer.weight: it replaces the base's)
 SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False), ".lora_magnitude_vector": ("m", False),
-            ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
+            ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True), ".base_layer.weight": ("W", False)}
 # adapter_config.json keys whose non-default values change the math in ways we do not implement
 UNSUPPORTED = {"bias": "none", "modules_to_save": None, "fan_in_fan_out": False, "layer_replication": None,
                "lora_bias": False, "trainable_token_indices": None, "target_parameters": None,
@@ -531,7 +532,8 @@ class Adapter:
                     raise AdapterError(f"{file}: module {module} has no lora_{slot} tensor")
             rank = slots["A"][1].shape[0]
             out = sum(g.sizes)
-            want = {"A": (rank, g.in_features), "B": (out, rank), "m": (out,)}
+            want = {"A": (rank, g.in_features), "B": (out, rank), "m": (out,),
+                    "W": (g.in_features, out) if g.embedding else (out, g.in_features)}
             for slot, (key, t) in slots.items():
                 if tuple(t.shape) != want[slot]:
                     raise AdapterError(f"{file}: {key} has shape {list(t.shape)}, but the base model's {module} "
@@ -554,12 +556,15 @@ class Adapter:
         return bool(self.conf.get("use_dora"))
 
     def delta_inputs(self, name: str):
-        """(A, B rows, magnitude rows or None, scaling, embedding?) for canonical weight `name`."""
+        """(A, B rows, magnitude rows or None, scaling, embedding?, replacement base rows or None)
+        for canonical weight `name`."""
         module, start, size = self.parts[name]
         slots, emb = self.modules[module], name == "embed.weight"
         A, B = slots["A"][1].float(), slots["B"][1].float()
         m = slots["m"][1].float()[start:start + size] if "m" in slots else None
-        return A, (B if emb else B[start:start + size]), m, self.scaling[module], emb
+        W = slots["W"][1] if "W" in slots else None
+        rows = slice(None) if emb else slice(start, start + size)
+        return A, B[rows], m, self.scaling[module], emb, None if W is None else W[rows]
 
     def fold(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Canonical weight `name` with the adapter folded in (in w's dtype; math in fp32)."""
@@ -568,8 +573,8 @@ class Adapter:
         if name == "embed.weight" and self.cfg.tie_embeddings:
             raise AdapterError(f"{self.path}: an embedding adapter cannot be folded into a model whose output "
                                "layer is tied to its embeddings (the merged table would change both)")
-        A, B, m, s, emb = self.delta_inputs(name)
-        merged = w.float() + s * ((B @ A).T if emb else B @ A)
+        A, B, m, s, emb, W = self.delta_inputs(name)
+        merged = (w if W is None else W).float() + s * ((B @ A).T if emb else B @ A)
         if m is not None and not emb:
             merged = merged * (m / torch.linalg.norm(merged, dim=1))[:, None]
         return merged.to(w.dtype)
@@ -589,8 +594,12 @@ class Adapter:
 @torch.no_grad()
 def load_adapter(model, path, format=None):
     """Put the adapter at `path` (ours or PEFT's) into the model: adapters are applied first when
-    the model has none, else they must be the same (targets, rank, scaling)."""
+    the model has none, else they must be the same (targets, rank, scaling). `format`: the Hugging
+    Face format whose module names the adapter uses (default: the model's adapters', else the
+    first format that can hold the model and has every module the adapter names)."""
     fmt = model_format(model, format)
+    if format is None and getattr(model, "lora_format", None) is None:
+        fmt = _adapter_format(path, model.config, fmt)
     adapter = Adapter(path, model.config, fmt)
     want = adapter.lora_config()
     if getattr(model, "lora_config", None) is None:
@@ -606,10 +615,22 @@ def load_adapter(model, path, format=None):
         raise AdapterError(f"{path}: no weights for {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                      if len(missing) > 1 else ""))
     for name, (module, start, size) in adapter.parts.items():
-        A, B, m, _, _ = adapter.delta_inputs(name)
+        A, B, m, _, _, W = adapter.delta_inputs(name)
         target = model.get_submodule(name.removesuffix(".weight"))
+        if W is not None:
+            target.weight.copy_(W)
         target.lora_A.copy_(A)
         target.lora_B.copy_(B)
         if m is not None:
             target.lora_magnitude.copy_(m)
     return model
+
+
+def _adapter_format(path, cfg: ModelConfig, default: Format) -> Format:
+    for fmt in [default] + [f for f in FORMATS.values() if f is not default and refusal(cfg, f) is None]:
+        try:
+            Adapter(path, cfg, fmt)
+            return fmt
+        except AdapterError:
+            continue
+    return default

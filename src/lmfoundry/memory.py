@@ -68,7 +68,7 @@ class MemoryPlan:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _proj_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, int]]:

@@ -46,10 +46,10 @@ class LM:
             raise GenerationError("the tokenizer has neither a BOS nor an EOS token to condition an empty context on")
 
     @classmethod
-    def load(cls, path, dtype=None, device=None, **kw) -> "LM":
+    def load(cls, path, dtype=None, device=None, adapter=None, **kw) -> "LM":
         from ..checkpoint import load_model
         from ..tokenizer import load_tokenizer
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device, adapter=adapter)
         return cls(model, load_tokenizer(path), name=str(path), **kw)
 
     # ---- tokenization ----

@@ -1,0 +1,219 @@
+"""LoRA / DoRA / QLoRA against PEFT (and bitsandbytes for NF4) on the same random checkpoints and
+the same adapter weights: logits within 1e-5 and adapter gradients within 1e-4 (fp32), for Llama
+(GQA, tied embeddings) and for EXAONE and OpenELM through their own Hugging Face module names.
+
+transformers cannot build EXAONE or OpenELM without remote code, so PEFT is applied to a torch
+module tree that carries their Hugging Face module names: for EXAONE the tree shares its linears
+with a transformers Llama (EXAONE is Llama math under other names), so PEFT's wrapped modules run
+inside transformers' forward; for OpenELM the forward is the written-out reference of
+test_formats.py, calling the tree's (PEFT-wrapped) fused qkv_proj / proj_1 modules.
+"""
+import json
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import hf_llama, random_tokens
+from lmfoundry.checkpoint import load_model
+from lmfoundry.lora import (LoraConfig, adapter_parameters, apply_lora, disable_adapters, load_adapter, peft_tensors,
+                            save_adapter)
+from test_formats import make_exaone, make_openelm, openelm_reference
+
+LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
+LLAMA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                 "down": "down_proj", "lm_head": "lm_head", "embed": "embed_tokens"}
+CASES = {   # transformers Llama overrides, our LoraConfig
+    "gqa-all-linear": (dict(num_key_value_heads=2), LoraConfig(rank=4, alpha=8)),
+    "tied-embed-rslora": (dict(tie_word_embeddings=True), LoraConfig(rank=4, alpha=3, rslora=True,
+                                                                      targets=("q", "v", "down", "embed"))),
+    "dora-lm-head": (dict(num_key_value_heads=1), LoraConfig(rank=2, alpha=5, dora=True,
+                                                             targets=("k", "o", "up", "lm_head"))),
+}
+
+
+def peft_config(lc: LoraConfig, modules: dict):
+    return peft.LoraConfig(r=lc.rank, lora_alpha=lc.alpha, target_modules=[modules[t] for t in lc.targets],
+                           use_rslora=lc.rslora, use_dora=lc.dora, init_lora_weights=False, lora_dropout=0.0)
+
+
+def loss_of(logits, tokens):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def peft_grads(peft_model) -> dict:
+    """PEFT's adapter gradients under its saved key names (adapter name removed)."""
+    out = {}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            key = name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+            out[key if key.startswith("base_model.model.") else "base_model.model." + key] = p.grad
+    return out
+
+
+def our_grads(model) -> dict:
+    return peft_tensors(model, {n: p.grad for n, p in adapter_parameters(model).items()})
+
+
+def assert_grads_match(ours: dict, theirs: dict):
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert (ours[k] - theirs[k]).abs().max() <= GRAD_TOL, k
+
+
+def perturb(model, seed=1):
+    """Random adapter values (a fresh adapter is a no-op, which would prove nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ---------------------------------------------------------------- Llama, through transformers + PEFT
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_adapter_gives_peft_logits_and_gradients(tmp_path, case):
+    kw, lc = CASES[case]
+    hf_llama(**kw).save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(hf_llama(**kw), peft_config(lc, LLAMA_MODULES))
+    pm.save_pretrained(tmp_path / "adapter")
+    ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
+    tokens = random_tokens(2, 24)
+    theirs_logits, ours_logits = pm(tokens).logits, ours(tokens)
+    assert (ours_logits - theirs_logits).abs().max() <= LOGITS_TOL
+    loss_of(theirs_logits, tokens).backward()
+    loss_of(ours_logits, tokens).backward()
+    assert_grads_match(our_grads(ours), peft_grads(pm))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, case):
+    kw, lc = CASES[case]
+    hf_llama(**kw).save_pretrained(tmp_path / "base")
+    ours = apply_lora(load_model(tmp_path / "base"), lc)
+    perturb(ours)
+    save_adapter(ours, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == lc.rank and conf["use_dora"] == lc.dora
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") and ".default." not in k for k in keys)
+    pm = peft.PeftModel.from_pretrained(hf_llama(**kw), tmp_path / "adapter")
+    tokens = random_tokens(2, 24)
+    with torch.no_grad():
+        assert (ours(tokens) - pm(tokens).logits).abs().max() <= LOGITS_TOL
+
+
+def test_a_new_adapter_changes_nothing_and_disabled_adapters_give_the_base(tmp_path):
+    hf_llama().save_pretrained(tmp_path)
+    base, ours = load_model(tmp_path), apply_lora(load_model(tmp_path), LoraConfig(rank=4, dora=True))
+    tokens = random_tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), base(tokens))     # B = 0 and DoRA's m = ||W||: exactly the base
+        perturb(ours)
+        assert (ours(tokens) - base(tokens)).abs().max() > 1e-3
+        with disable_adapters(ours):
+            assert torch.equal(ours(tokens), base(tokens))
+        assert (ours(tokens) - base(tokens)).abs().max() > 1e-3
+    assert all(not p.requires_grad for n, p in ours.named_parameters() if "lora_" not in n)
+    shared = {id(p) for n, p in ours.named_parameters() if "lora_" not in n} & {id(p) for p in base.parameters()}
+    assert not shared and ours.layers[0].attn.q.weight.data_ptr() != base.layers[0].attn.q.weight.data_ptr()
+
+
+def test_base_weights_are_wrapped_never_copied(tmp_path):
+    hf_llama().save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    apply_lora(model, LoraConfig(rank=4, targets=("q", "k", "v", "o", "gate", "up", "down", "lm_head", "embed")))
+    after = {n: p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
+    assert after == before                                  # same names, same storage
+
+
+# ---------------------------------------------------------------- EXAONE and OpenELM module names
+
+def module_tree(paths: dict) -> nn.Module:
+    """A torch module tree holding each given module at its dotted Hugging Face path."""
+    root = nn.Module()
+    for path, module in paths.items():
+        parent = root
+        *parents, leaf = path.split(".")
+        for name in parents:
+            if not hasattr(parent, name):
+                parent.add_module(name, nn.Module())
+            parent = getattr(parent, name)
+        parent.add_module(leaf, module)
+    return root
+
+
+EXAONE_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "gate": "c_fc_0", "up": "c_fc_1",
+                  "down": "c_proj"}
+EXAONE_OF_LLAMA = {"self_attn.q_proj": "attn.attention.q_proj", "self_attn.k_proj": "attn.attention.k_proj",
+                   "self_attn.v_proj": "attn.attention.v_proj", "self_attn.o_proj": "attn.attention.out_proj",
+                   "mlp.gate_proj": "mlp.c_fc_0", "mlp.up_proj": "mlp.c_fc_1", "mlp.down_proj": "mlp.c_proj"}
+
+
+def test_exaone_adapter_matches_peft_through_its_own_module_names(tmp_path):
+    ref, _ = make_exaone(tmp_path / "base")
+    llama_names = {f"transformer.h.{i}.{theirs}": f"model.layers.{i}.{ours}" for i in range(2)
+                   for ours, theirs in EXAONE_OF_LLAMA.items()}
+    tree = module_tree({name: ref.get_submodule(llama) for name, llama in llama_names.items()})
+    lc = LoraConfig(rank=4, alpha=6)
+    pm = peft.get_peft_model(tree, peft_config(lc, EXAONE_MODULES))
+    for name, llama in llama_names.items():     # the PEFT-wrapped modules now run inside transformers' Llama
+        parent, _, leaf = llama.rpartition(".")
+        setattr(ref.get_submodule(parent), leaf, tree.get_submodule(name))
+    pm.save_pretrained(tmp_path / "adapter")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "base_model.model.transformer.h.0.attn.attention.out_proj.lora_A.weight" in keys
+    ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
+    tokens = random_tokens(2, 20)
+    theirs_logits, ours_logits = ref(tokens).logits, ours(tokens)
+    assert (ours_logits - theirs_logits).abs().max() <= LOGITS_TOL
+    loss_of(theirs_logits, tokens).backward()
+    loss_of(ours_logits, tokens).backward()
+    assert_grads_match(our_grads(ours), peft_grads(pm))
+
+
+OPENELM_MODULES = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "out_proj", "gate": "proj_1",
+                   "up": "proj_1", "down": "proj_2"}
+OPENELM_LINEARS = ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_openelm_fused_modules_match_peft_on_qkv_proj_and_proj_1(tmp_path, dora):
+    t, c = make_openelm(tmp_path / "base")
+    paths = {}
+    for i in range(c["num_transformer_layers"]):
+        for name in OPENELM_LINEARS:
+            w = t[f"transformer.layers.{i}.{name}.weight"]
+            paths[f"transformer.layers.{i}.{name}"] = lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            lin.weight.data.copy_(w)
+    tree = module_tree(paths)
+    lc = LoraConfig(rank=3, alpha=4, dora=dora)
+    pm = peft.get_peft_model(tree, peft_config(lc, OPENELM_MODULES))
+    pm.save_pretrained(tmp_path / "adapter")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert keys["base_model.model.transformer.layers.0.attn.qkv_proj.lora_B.weight"].shape[0] == \
+        t["transformer.layers.0.attn.qkv_proj.weight"].shape[0]
+    ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
+    assert ours.layers[0].attn.q.lora_A is ours.layers[0].attn.v.lora_A          # one A for the fused module
+    tokens = random_tokens(2, 20)
+    theirs_logits = openelm_reference(t, c, tokens, lambda name, x: tree.get_submodule(name.removesuffix(".weight"))(x))
+    ours_logits = ours(tokens)
+    assert (ours_logits - theirs_logits).abs().max() <= LOGITS_TOL
+    loss_of(theirs_logits, tokens).backward()
+    loss_of(ours_logits, tokens).backward()
+    assert_grads_match(our_grads(ours), peft_grads(pm))
+    # and back: our saved adapter has PEFT's fused keys and shapes
+    save_adapter(ours, tmp_path / "ours")
+    again = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert set(again) == set(keys) and all(torch.equal(again[k], keys[k]) for k in keys)
+
+
+def test_openelm_refuses_half_of_a_fused_module(tmp_path):
+    from lmfoundry.errors import AdapterError
+    make_openelm(tmp_path)
+    with pytest.raises(AdapterError, match="qkv_proj"):
+        apply_lora(load_model(tmp_path), LoraConfig(rank=2, targets=("q", "v")))

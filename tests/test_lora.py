@@ -217,3 +217,182 @@ def test_openelm_refuses_half_of_a_fused_module(tmp_path):
     make_openelm(tmp_path)
     with pytest.raises(AdapterError, match="qkv_proj"):
         apply_lora(load_model(tmp_path), LoraConfig(rank=2, targets=("q", "v")))
+
+
+# ---------------------------------------------------------------- QLoRA: NF4 against bitsandbytes
+
+def nf4_codes(q) -> torch.Tensor:
+    """torchao's packed codes, first element in the high nibble."""
+    return torch.stack([q.quantized_data >> 4, q.quantized_data & 15], -1).reshape(-1)
+
+
+def test_nf4_codes_and_values_match_bitsandbytes():
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from lmfoundry.lora import to_nf4
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    q = to_nf4(w)
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    bnb_codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], -1).reshape(-1)
+    ours = nf4_codes(q)
+    assert (ours == bnb_codes).float().mean() >= 0.999       # the same nearest code (ties of the rounded table aside)
+    table = bnb_f.get_4bit_type("nf4", device="cpu")
+    assert (q.nf4.float() - table).abs().max() <= 5e-5       # torchao's table is bitsandbytes' to 4 decimals
+    ref = bnb_f.dequantize_4bit(packed, state)
+    absmax = w.reshape(-1, 64).abs().amax(1).repeat_interleave(64).reshape(w.shape)
+    # double quantization of the absmaxes (int8 per 256) is the only other difference
+    assert ((q.get_original_weight() - ref).abs() <= absmax * 0.01 + 1e-7).float().mean() >= 0.999
+
+
+def qlora_pair(tmp_path, dtype=torch.float32):
+    """The same LoRA model twice: once with NF4 projections, once with those weights dequantized."""
+    from lmfoundry.lora import LoraConfig, dense, load_lora_model
+    from lmfoundry.checkpoint import read_checkpoint
+    hf_llama(hidden_size=128, intermediate_size=256, num_key_value_heads=2).save_pretrained(tmp_path)
+    cfg, fmt, loaders = read_checkpoint(tmp_path)
+    q = load_lora_model(cfg, loaders, LoraConfig(rank=4, qlora=True), fmt, "cpu", dtype, seed=0)
+    plain = load_lora_model(cfg, loaders, LoraConfig(rank=4), fmt, "cpu", dtype, seed=0)
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if hasattr(m, "weight") and hasattr(m.weight, "get_original_weight"):
+                plain.get_submodule(name).weight.copy_(dense(m.weight))
+    perturb(q), perturb(plain)
+    return q, plain
+
+
+def test_qlora_forward_equals_dequantize_then_lora_within_bf16_tolerance(tmp_path):
+    q, plain = qlora_pair(tmp_path, torch.bfloat16)
+    assert hasattr(q.layers[0].mlp.down.weight, "get_original_weight")          # stored as NF4
+    assert hasattr(q.layers[1].attn.k.weight, "quantized_data")
+    tokens = random_tokens(2, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = q(tokens).float(), plain(tokens).float()
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    q32, plain32 = qlora_pair(tmp_path / "fp32")
+    with torch.no_grad():
+        assert (q32(tokens) - plain32(tokens)).abs().max() <= 1e-5
+
+
+def test_qlora_weights_take_about_half_a_byte_per_parameter(tmp_path):
+    q, plain = qlora_pair(tmp_path)
+    nf4 = plain_bytes = 0
+    for name, m in q.named_modules():
+        w = getattr(m, "weight", None)
+        if w is not None and hasattr(w, "quantized_data"):
+            nf4 += sum(t.numel() * t.element_size() for t in (w.quantized_data, w.quantized_scalers,
+                                                              w.quantization_factor))
+            plain_bytes += w.numel() * 4
+    assert 0.5 / 4 <= nf4 / plain_bytes <= 0.53 / 4
+
+
+# ---------------------------------------------------------------- training through the one loop
+
+def lora_batches(n=6, B=4, T=24, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (B, T + 1), generator=g)
+        ids[:, 1::2] = (ids[:, 0::2][:, :ids[:, 1::2].shape[1]] * 7) % vocab      # half the targets are learnable
+        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone()})
+    return out
+
+
+def lora_run(tmp_path, name="run", steps=4, objective=None, batches=None, resume=False, lc=None, **kw):
+    from lmfoundry.train import ListBatches, NextToken, TrainConfig, train
+    from lmfoundry.train.trainable import LoRA
+    torch.manual_seed(0)                                    # the adapters' initial values
+    model = apply_lora(load_model(tmp_path / "base"), lc or LoraConfig(rank=4, dropout=0.1))
+    cfg = TrainConfig(**{"steps": steps, "lr": 1e-2, "warmup": 1, "progress": False, **kw})
+    result = train(model, ListBatches(batches or lora_batches()), objective or NextToken(), cfg, tmp_path / name,
+                   trainable=LoRA(str(tmp_path / "base")), resume=resume)
+    return model, result
+
+
+def test_lora_training_leaves_the_base_bit_identical_and_optimizes_only_adapters(tmp_path):
+    hf_llama(num_key_value_heads=2).save_pretrained(tmp_path / "base")
+    base = load_model(tmp_path / "base").state_dict()
+    model, result = lora_run(tmp_path, save_every=2)
+    assert result.losses[-1] < result.losses[0]
+    now = {n: p for n, p in model.state_dict().items() if "lora_" not in n}
+    assert set(now) == set(base) and all(torch.equal(now[n], base[n]) for n in base)
+    step = tmp_path / "run" / "checkpoints" / "step-00000002"
+    adapters = load_file(str(step / "trainable.safetensors"))
+    assert set(adapters) == set(adapter_parameters(model))
+    moments = load_file(str(step / "optimizer.safetensors"))
+    assert {k.rsplit("/", 1)[0] for k in moments} == set(adapters)      # AdamW state of the adapters only
+    assert not (step / "model.safetensors").exists()
+    out = tmp_path / "run"
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    pm = peft.PeftModel.from_pretrained(hf_llama(num_key_value_heads=2), out)
+    tokens = random_tokens(2, 16)
+    with torch.no_grad():
+        model.eval()
+        assert (model(tokens) - pm(tokens).logits).abs().max() <= LOGITS_TOL
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupting(after_calls):
+    from lmfoundry.train import NextToken
+
+    class Cut(NextToken):
+        calls = 0
+
+        def __call__(self, model, batch):
+            Cut.calls += 1
+            if Cut.calls > after_calls:
+                raise Interrupt
+            return super().__call__(model, batch)
+    return Cut()
+
+
+def test_lora_resume_continues_exactly(tmp_path):
+    hf_llama().save_pretrained(tmp_path / "base")
+    _, whole = lora_run(tmp_path, "whole", steps=6)
+    with pytest.raises(Interrupt):
+        lora_run(tmp_path, "cut", steps=6, objective=interrupting(4), save_every=2)
+    _, resumed = lora_run(tmp_path, "cut", steps=6, resume=True, save_every=2)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == whole.losses[4:]
+    a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_activation_checkpointing_does_not_change_lora_losses(tmp_path):
+    hf_llama().save_pretrained(tmp_path / "base")
+    _, plain = lora_run(tmp_path, "plain", lc=LoraConfig(rank=4, dora=True))
+    _, ckpt = lora_run(tmp_path, "ckpt", lc=LoraConfig(rank=4, dora=True), activation_checkpointing=True)
+    assert ckpt.losses == pytest.approx(plain.losses, abs=1e-6)
+
+
+def dpo_pairs(n=4, B=2, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        batch = {}
+        for side in ("chosen", "rejected"):
+            ids = torch.randint(3, 128, (B, T), generator=g)
+            labels = ids.clone()
+            labels[:, :4] = -100
+            batch[f"{side}_input_ids"], batch[f"{side}_labels"] = ids, labels
+        out.append(batch)
+    return out
+
+
+def test_dpo_with_lora_uses_the_base_as_reference_even_after_a_resume(tmp_path):
+    from lmfoundry.train import DPO
+    hf_llama().save_pretrained(tmp_path / "base")
+    data = dpo_pairs()
+    model, first = lora_run(tmp_path, "dpo", steps=4, objective=DPO(beta=0.5), batches=data, save_every=2)
+    assert first.losses[0] == pytest.approx(0.6931471805599453, abs=1e-6)   # policy = reference at step 0
+    ref_file = tmp_path / "dpo" / "checkpoints" / "dpo_reference.safetensors"
+    saved = load_file(str(ref_file))
+    ref_file.unlink()   # a resume must recompute it: with LoRA the reference is the base, adapters off
+    _, again = lora_run(tmp_path, "dpo", steps=6, objective=DPO(beta=0.5), batches=data, resume=True)
+    recomputed = load_file(str(ref_file))
+    order = lambda t: {bytes(k.tolist()): v for k, v in zip(t["keys"], t["logps"])}   # noqa: E731
+    a, b = order(saved), order(recomputed)
+    assert b and set(b) <= set(a) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+    assert again.resumed_from == 4 and len(again.losses) == 2

@@ -396,3 +396,165 @@ def test_dpo_with_lora_uses_the_base_as_reference_even_after_a_resume(tmp_path):
     a, b = order(saved), order(recomputed)
     assert b and set(b) <= set(a) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
     assert again.resumed_from == 4 and len(again.losses) == 2
+
+
+# ---------------------------------------------------------------- using adapters: merge, --adapter
+
+def cli(capsys, *argv):
+    from lmfoundry.cli import main
+    capsys.readouterr()                                     # what the fixtures printed
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A base checkpoint and a random (non-trivial) DoRA-free adapter of ours for it."""
+    hf_llama(num_key_value_heads=2).save_pretrained(tmp_path / "base")
+    model = apply_lora(load_model(tmp_path / "base"), LoraConfig(rank=4, alpha=8, rslora=True,
+                                                                 targets=("q", "k", "v", "o", "gate", "up", "down",
+                                                                          "lm_head", "embed")))
+    perturb(model)
+    save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter", model.eval()
+
+
+def test_lora_merge_equals_base_plus_adapter_and_loads_in_transformers(trained, tmp_path, capsys):
+    import transformers
+    base, adapter, unmerged = trained
+    code, out, err = cli(capsys, "lora", "merge", base, adapter, tmp_path / "merged")
+    assert code == 0, err
+    merged = load_model(tmp_path / "merged")
+    tokens = random_tokens(2, 20)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    peft_merged = peft.PeftModel.from_pretrained(hf_llama(num_key_value_heads=2), adapter).merge_and_unload()
+    with torch.no_grad():
+        want = unmerged(tokens)
+        assert (merged(tokens) - want).abs().max() <= LOGITS_TOL
+        assert (hf(tokens).logits - want).abs().max() <= 1e-4      # transformers' own Llama math
+        for name, t in peft_merged.state_dict().items():           # and PEFT's merge_and_unload, tensor by tensor
+            assert (hf.state_dict()[name] - t).abs().max() <= 1e-6, name
+
+
+def test_dora_adapter_folds_to_what_it_computes(tmp_path, capsys):
+    hf_llama().save_pretrained(tmp_path / "base")
+    model = apply_lora(load_model(tmp_path / "base"), LoraConfig(rank=3, dora=True, targets=("q", "down")))
+    perturb(model)
+    save_adapter(model, tmp_path / "adapter")
+    tokens = random_tokens(1, 12)
+    with torch.no_grad():
+        assert (load_model(tmp_path / "base", adapter=tmp_path / "adapter")(tokens) - model(tokens)).abs().max() \
+            <= LOGITS_TOL
+
+
+def test_generate_and_eval_take_an_adapter(tmp_path, capsys, demo_dir):
+    from lmfoundry.eval import LM
+    model = apply_lora(load_model(demo_dir), LoraConfig(rank=2)).eval()
+    perturb(model, seed=3)
+    save_adapter(model, tmp_path / "demo-adapter")
+    lm = LM.load(demo_dir, adapter=tmp_path / "demo-adapter")
+    tokens = random_tokens(1, 10)
+    with torch.no_grad():
+        assert (lm.model(tokens) - model(tokens)).abs().max() <= LOGITS_TOL
+    # the CLI: generate with --adapter equals generate on the merged checkpoint
+    assert cli(capsys, "lora", "merge", demo_dir, tmp_path / "demo-adapter", tmp_path / "demo-merged")[0] == 0
+    args = ["hello there", "--max-new-tokens", 8]
+    code, with_adapter, err = cli(capsys, "generate", demo_dir, *args, "--adapter", tmp_path / "demo-adapter")
+    assert code == 0, err
+    assert with_adapter == cli(capsys, "generate", tmp_path / "demo-merged", *args)[1]
+    assert with_adapter != cli(capsys, "generate", demo_dir, *args)[1]
+
+
+def test_merge_recipes_accept_mergekit_base_plus_adapter(trained, tmp_path, capsys):
+    import yaml
+    base, adapter, unmerged = trained
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": f"{base}+{adapter}", "parameters": {"weight": 0.5}},
+        {"model": str(base), "parameters": {"weight": 0.5}}]}))
+    code, _, err = cli(capsys, "merge", recipe, tmp_path / "out")
+    assert code == 0, err
+    folded = load_model(base, adapter=adapter).state_dict()
+    plain = load_model(base).state_dict()
+    got = load_model(tmp_path / "out").state_dict()
+    assert all((got[n] - (folded[n] + plain[n]) / 2).abs().max() <= 1e-6 for n in got)
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": f"{base}+{adapter}+{adapter}"}]}))
+    code, _, err = cli(capsys, "merge", recipe, tmp_path / "bad")
+    assert code == 1 and "one '+'" in err and not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 1, nothing written
+
+def other_model_adapter(tmp_path, **overrides):
+    hf_llama(**overrides).save_pretrained(tmp_path / "other")
+    model = apply_lora(load_model(tmp_path / "other"), LoraConfig(rank=2))
+    save_adapter(model, tmp_path / "other-adapter")
+    return tmp_path / "other-adapter"
+
+
+def bad_adapter(kind, tmp_path, adapter):
+    import shutil
+    if kind == "shape":                                  # trained on a wider model
+        return other_model_adapter(tmp_path, hidden_size=96, intermediate_size=64)
+    if kind == "architecture":                           # a Llama adapter for an EXAONE checkpoint's names
+        bad = tmp_path / "renamed"
+        shutil.copytree(adapter, bad)
+        tensors = load_file(str(bad / "adapter_model.safetensors"))
+        save_file({k.replace("model.layers", "transformer.h"): v for k, v in tensors.items()},
+                  str(bad / "adapter_model.safetensors"))
+        return bad
+    if kind == "no-config":
+        bad = tmp_path / "no-config"
+        shutil.copytree(adapter, bad)
+        (bad / "adapter_config.json").unlink()
+        return bad
+    if kind == "not-lora":
+        bad = tmp_path / "ia3"
+        shutil.copytree(adapter, bad)
+        conf = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**conf, "peft_type": "IA3"}))
+        return bad
+    return tmp_path / "missing"
+
+
+BAD = {"shape": "needs [", "architecture": "does not exist in this LlamaForCausalLM", "no-config": "no adapter_config.json",
+       "not-lora": "only LoRA adapters", "missing": "adapter directory not found"}
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_a_bad_adapter_is_one_clear_error_and_nothing_is_written(trained, tmp_path, capsys, kind):
+    base, adapter, _ = trained
+    bad = bad_adapter(kind, tmp_path, adapter)
+    code, _, err = cli(capsys, "lora", "merge", base, bad, tmp_path / "out")
+    assert code == 1 and BAD[kind] in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    code, _, err = cli(capsys, "generate", base, "hi", "--adapter", bad)
+    assert code == 1 and BAD[kind] in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
+    (["--lora-rank", "4", "--lora-targets", "q,attention"], "--lora-targets must name modules from"),
+    (["--qlora"], "--qlora configures LoRA adapters: give --lora-rank R too"),
+    (["--lora-rank", "4", "--dora", "--lora-targets", "q,embed"], "DoRA on the embeddings is not supported"),
+])
+def test_bad_lora_settings_are_one_clear_error(demo_dir, tmp_path, capsys, flags, message):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    code, _, err = cli(capsys, "sft", "--model", demo_dir, "--data", data, "--out", tmp_path / "out", *flags)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_qlora_where_torchao_cannot_run_is_one_clear_error(demo_dir, tmp_path, capsys, monkeypatch):
+    import sys
+    for name in [n for n in sys.modules if n.startswith("torchao")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)                  # as if it were not installed
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    code, _, err = cli(capsys, "sft", "--model", demo_dir, "--data", data, "--out", tmp_path / "out",
+                       "--lora-rank", "4", "--qlora")
+    assert code == 1 and "--qlora needs torchao" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -44,9 +44,10 @@ def _load(args):
     return model, load_tokenizer(args.model)
 
 
-def _stream(model, tokenizer, prompt_ids, params, out=sys.stdout):
+def _stream(model, tokenizer, prompt_ids, params, out=None):
     """Generate for one prompt, writing text as it is finalised; returns (Completion, seconds)."""
     from .generate import generate
+    out = out or sys.stdout
     decoder = tokenizer.stream_decoder()
 
     def on_token(row, token_id):

@@ -128,21 +128,31 @@ def _activations(cfg: ModelConfig, method: str, lora, c: int, autocast: bool, gp
             out += fan_out * c * 2 + (fan_out * c if drop else 0)     # base output, LoRA output (+ base on x')
         return out
 
-    per_layer = []
+    per_layer, grad = [], full or "embed" in targets      # does the residual stream need a gradient yet?
     for i in range(cfg.n_layers):
         shapes = _proj_shapes(cfg, i)
         qd, kvd, f, d = shapes["q"][0], shapes["k"][0], shapes["gate"][0], cfg.dim
-        grad_in = i > 0 or "embed" in targets                         # the embeddings' output needs no grad
-        b = norm_saves(["q", "k", "v"], d, grad_in) + norm_saves(["gate", "up"], d)
-        b += (qd + 2 * kvd) * c + qd * c + 4 * cfg.n_heads[i]         # SDPA: q k v, output (= o's input), lse
-        if cfg.qk_norm:
-            b += (qd + kvd) * (4 + (c if full else 0)) + 4 * (cfg.n_heads[i] + cfg.n_kv_heads[i])   # q/k RMSNorm
-        b += 3 * f * c + (f * c if "down" in targets and not drop else 0)   # gate, silu, up (+ their product)
-        b += sum(adapter_saves(t, s[1], s[0], grad_in or t not in ("q", "k", "v")) for t, s in shapes.items())
+        layer_in = grad
+        b = norm_saves(["q", "k", "v"], d, grad)
+        attn = grad or bool(targets & {"q", "k", "v"})    # q, k, v need gradients: SDPA saves its inputs
+        if attn:
+            b += (qd + 2 * kvd) * c + qd * c + 4 * cfg.n_heads[i]     # q k v, output (= o's input), lse
+            if cfg.qk_norm:                                           # q/k RMSNorm in fp32
+                b += (qd + kvd) * (4 + (c if full else 0)) + 4 * (cfg.n_heads[i] + cfg.n_kv_heads[i])
+        elif "o" in targets and not drop:
+            b += qd * c                                               # the attention output, for o's adapter
+        grad = attn or "o" in targets
+        b += norm_saves(["gate", "up"], d, grad)
+        if grad or targets & {"gate", "up"}:
+            b += 3 * f * c                                            # gate, silu and up outputs
+            grad = True
+        b += f * c if "down" in targets and not drop else 0           # their product, for down
+        b += sum(adapter_saves(t, s[1], s[0], layer_in or t not in ("q", "k", "v")) for t, s in shapes.items())
+        grad = grad or "down" in targets
         per_layer.append(b)
-    ends = (8 if "embed" in targets else 0) + norm_saves(["lm_head"], cfg.dim)   # token ids; the final norm
-    if "lm_head" in targets and not full:
-        ends += lora.rank * c
+    ends = norm_saves(["lm_head"], cfg.dim, grad) + adapter_saves("lm_head", cfg.dim, cfg.vocab_size, True)
+    if "embed" in targets:
+        ends += 8 + (0 if full else lora.rank * c)                    # token ids (and A^T[x])
     return sum(per_layer), max(per_layer), ends
 
 

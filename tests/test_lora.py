@@ -21,7 +21,9 @@ from conftest import hf_llama, random_tokens
 from lmfoundry.checkpoint import load_model
 from lmfoundry.lora import (LoraConfig, adapter_parameters, apply_lora, disable_adapters, load_adapter, peft_tensors,
                             save_adapter)
+from lmfoundry.train import NextToken
 from test_formats import make_exaone, make_openelm, openelm_reference
+from test_train import interrupting
 
 LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
 LLAMA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -64,6 +66,15 @@ def assert_grads_match(ours: dict, theirs: dict):
         assert (ours[k] - theirs[k]).abs().max() <= GRAD_TOL, k
 
 
+def assert_matches_peft(ours, theirs_forward, pm, tokens):
+    """Same logits (1e-5) and, after the same loss, the same adapter gradients (1e-4) as PEFT."""
+    theirs_logits, ours_logits = theirs_forward(tokens), ours(tokens)
+    assert (ours_logits - theirs_logits).abs().max() <= LOGITS_TOL
+    loss_of(theirs_logits, tokens).backward()
+    loss_of(ours_logits, tokens).backward()
+    assert_grads_match(our_grads(ours), peft_grads(pm))
+
+
 def perturb(model, seed=1):
     """Random adapter values (a fresh adapter is a no-op, which would prove nothing)."""
     g = torch.Generator().manual_seed(seed)
@@ -81,12 +92,7 @@ def test_peft_adapter_gives_peft_logits_and_gradients(tmp_path, case):
     pm = peft.get_peft_model(hf_llama(**kw), peft_config(lc, LLAMA_MODULES))
     pm.save_pretrained(tmp_path / "adapter")
     ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
-    tokens = random_tokens(2, 24)
-    theirs_logits, ours_logits = pm(tokens).logits, ours(tokens)
-    assert (ours_logits - theirs_logits).abs().max() <= LOGITS_TOL
-    loss_of(theirs_logits, tokens).backward()
-    loss_of(ours_logits, tokens).backward()
-    assert_grads_match(our_grads(ours), peft_grads(pm))
+    assert_matches_peft(ours, lambda tokens: pm(tokens).logits, pm, random_tokens(2, 24))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -168,12 +174,7 @@ def test_exaone_adapter_matches_peft_through_its_own_module_names(tmp_path):
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert "base_model.model.transformer.h.0.attn.attention.out_proj.lora_A.weight" in keys
     ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
-    tokens = random_tokens(2, 20)
-    theirs_logits, ours_logits = ref(tokens).logits, ours(tokens)
-    assert (ours_logits - theirs_logits).abs().max() <= LOGITS_TOL
-    loss_of(theirs_logits, tokens).backward()
-    loss_of(ours_logits, tokens).backward()
-    assert_grads_match(our_grads(ours), peft_grads(pm))
+    assert_matches_peft(ours, lambda tokens: ref(tokens).logits, pm, random_tokens(2, 20))
 
 
 OPENELM_MODULES = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "out_proj", "gate": "proj_1",
@@ -199,13 +200,8 @@ def test_openelm_fused_modules_match_peft_on_qkv_proj_and_proj_1(tmp_path, dora)
         t["transformer.layers.0.attn.qkv_proj.weight"].shape[0]
     ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
     assert ours.layers[0].attn.q.lora_A is ours.layers[0].attn.v.lora_A          # one A for the fused module
-    tokens = random_tokens(2, 20)
-    theirs_logits = openelm_reference(t, c, tokens, lambda name, x: tree.get_submodule(name.removesuffix(".weight"))(x))
-    ours_logits = ours(tokens)
-    assert (ours_logits - theirs_logits).abs().max() <= LOGITS_TOL
-    loss_of(theirs_logits, tokens).backward()
-    loss_of(ours_logits, tokens).backward()
-    assert_grads_match(our_grads(ours), peft_grads(pm))
+    linear = lambda name, x: tree.get_submodule(name.removesuffix(".weight"))(x)   # noqa: E731
+    assert_matches_peft(ours, lambda tokens: openelm_reference(t, c, tokens, linear), pm, random_tokens(2, 20))
     # and back: our saved adapter has PEFT's fused keys and shapes
     save_adapter(ours, tmp_path / "ours")
     again = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
@@ -329,29 +325,11 @@ def test_lora_training_leaves_the_base_bit_identical_and_optimizes_only_adapters
         assert (model(tokens) - pm(tokens).logits).abs().max() <= LOGITS_TOL
 
 
-class Interrupt(Exception):
-    pass
-
-
-def interrupting(after_calls):
-    from lmfoundry.train import NextToken
-
-    class Cut(NextToken):
-        calls = 0
-
-        def __call__(self, model, batch):
-            Cut.calls += 1
-            if Cut.calls > after_calls:
-                raise Interrupt
-            return super().__call__(model, batch)
-    return Cut()
-
-
 def test_lora_resume_continues_exactly(tmp_path):
     hf_llama().save_pretrained(tmp_path / "base")
     _, whole = lora_run(tmp_path, "whole", steps=6)
-    with pytest.raises(Interrupt):
-        lora_run(tmp_path, "cut", steps=6, objective=interrupting(4), save_every=2)
+    with pytest.raises(KeyboardInterrupt):        # Ctrl-C in step 5 (test_train's stand-in)
+        lora_run(tmp_path, "cut", steps=6, objective=interrupting(NextToken, 4), save_every=2)
     _, resumed = lora_run(tmp_path, "cut", steps=6, resume=True, save_every=2)
     assert resumed.resumed_from == 4
     assert resumed.losses == whole.losses[4:]

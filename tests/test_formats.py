@@ -96,10 +96,12 @@ def test_solar_pro_preset_is_the_published_schedule():
 
 # ----- OpenELM: written out from corenet's semantics over the fused checkpoint tensors -------
 
-def openelm_reference(t, c, tokens):
+def openelm_reference(t, c, tokens, linear=None):
     """Fused qkv split [q|k|v] by heads, q/k RMSNorm over head_dim before rotate-half RoPE,
-    GQA by repeat_interleave, GLU with the first half of proj_1 as the gate, tied logits."""
+    GQA by repeat_interleave, GLU with the first half of proj_1 as the gate, tied logits.
+    `linear(name, x)` computes the projection stored as `name` (default: x @ t[name].T)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    linear = linear or (lambda name, x: x @ t[name].T)
 
     def rms(x, w):
         x32 = x.float()
@@ -115,15 +117,15 @@ def openelm_reference(t, c, tokens):
     for i in range(c["num_transformer_layers"]):
         p = f"transformer.layers.{i}."
         nq, nkv = c["num_query_heads"][i], c["num_kv_heads"][i]
-        qkv = (rms(x, t[p + "attn_norm.weight"]) @ t[p + "attn.qkv_proj.weight"].T).view(B, T, nq + 2 * nkv, hd)
+        qkv = linear(p + "attn.qkv_proj.weight", rms(x, t[p + "attn_norm.weight"])).view(B, T, nq + 2 * nkv, hd)
         q, k, v = qkv.transpose(1, 2).split([nq, nkv, nkv], dim=1)
         q, k = rms(q, t[p + "attn.q_norm.weight"]), rms(k, t[p + "attn.k_norm.weight"])
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k, v = k.repeat_interleave(nq // nkv, 1), v.repeat_interleave(nq // nkv, 1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, nq * hd)
-        x = x + y @ t[p + "attn.out_proj.weight"].T
-        y1, y2 = (rms(x, t[p + "ffn_norm.weight"]) @ t[p + "ffn.proj_1.weight"].T).chunk(2, -1)
-        x = x + (F.silu(y1) * y2) @ t[p + "ffn.proj_2.weight"].T
+        x = x + linear(p + "attn.out_proj.weight", y)
+        y1, y2 = linear(p + "ffn.proj_1.weight", rms(x, t[p + "ffn_norm.weight"])).chunk(2, -1)
+        x = x + linear(p + "ffn.proj_2.weight", F.silu(y1) * y2)
     return rms(x, t["transformer.norm.weight"]) @ t["transformer.token_embeddings.weight"].T
 
 

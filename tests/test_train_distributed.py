@@ -58,18 +58,21 @@ def join(rank, world, port) -> list[dict]:
     return [{k: v[rows] for k, v in b.items()} for b in global_batches()]
 
 
-def worker(rank, world, port, out, fsdp):
+def worker(rank, world, port, out, fsdp, make=tiny, trainable=None, checkpointing=False):
+    """One rank: train `make()` (what `trainable` says is trained) on its half of the global batch;
+    with FSDP also crash and resume (with activation checkpointing if asked)."""
     mine = join(rank, world, port)
     try:
-        result = train(tiny(), ListBatches(mine), NextToken(), config(fsdp=fsdp), f"{out}/run")
+        result = train(make(), ListBatches(mine), NextToken(), config(fsdp=fsdp), f"{out}/run", trainable=trainable)
         losses = {"full": result.losses}
         if fsdp:    # crash during step 3 (checkpoint at 2), then resume
+            cut = config(fsdp=True, save_every=2, activation_checkpointing=checkpointing)
             try:
-                train(tiny(), ListBatches(mine), FailAt(2 * ACCUM), config(fsdp=True, save_every=2), f"{out}/cut")
+                train(make(), ListBatches(mine), FailAt(2 * ACCUM), cut, f"{out}/cut", trainable=trainable)
             except RuntimeError:
                 pass
-            resumed = train(tiny(), ListBatches(mine), NextToken(), config(fsdp=True, save_every=2), f"{out}/cut",
-                            resume=True)
+            resumed = train(make(), ListBatches(mine), NextToken(), cut, f"{out}/cut", resume=True,
+                            trainable=trainable)
             losses["resumed"] = resumed.losses
         if rank == 0:
             with open(f"{out}/losses.json", "w") as f:

@@ -22,6 +22,7 @@ def _model_arg(p):
     p.add_argument("--compile", action="store_true", help="decode with one compiled step over a static KV cache "
                    "(CUDA graphs on GPU); falls back to eager with a warning if the compiler fails")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps ...")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA adapter folded into the weights")
 
 
 def _sampling_args(p, max_new_tokens=128, temperature=0.0):
@@ -45,13 +46,14 @@ def _load(args):
     from .quantize import load_for_inference
     from .tokenizer import load_tokenizer
     model = load_for_inference(args.model, dtype=args.dtype, quantize_method=args.quantize, device=args.device,
-                               compile=args.compile)
+                               compile=args.compile, adapter=args.adapter)
     return model, load_tokenizer(args.model)
 
 
-def _stream(model, tokenizer, prompt_ids, params, out=sys.stdout):
+def _stream(model, tokenizer, prompt_ids, params, out=None):
     """Generate for one prompt, writing text as it is finalised; returns (Completion, seconds)."""
     from .generate import generate
+    out = out or sys.stdout
     decoder = tokenizer.stream_decoder()
 
     def on_token(row, token_id):
@@ -237,7 +239,7 @@ def cmd_train(args):
 def _eval_lm(args):
     from .eval import LM
     return LM.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, compile=args.compile,
-                   batch_size=args.batch_size, max_length=getattr(args, "max_length", None),
+                   adapter=args.adapter, batch_size=args.batch_size, max_length=getattr(args, "max_length", None),
                    share_prefix=not getattr(args, "no_share_prefix", False))
 
 
@@ -344,7 +346,7 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or api_key_from_env(),
           max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
           max_model_len=args.max_model_len, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
-          device=args.device,
+          device=args.device, adapter=args.adapter,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
           log_level=args.log_level, allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
 
@@ -356,8 +358,10 @@ def build_parser():
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     from .checkpoint.sharded import add_parser as add_export_verbs
     from .curate.cli import add_parser as add_data_verbs
+    from .peft_cli import add_parser as add_peft_verbs
     for add in (_add_generation_verbs, _add_checkpoint_verbs, _add_tokenizer_verbs, _add_training_verbs,
-                _add_eval_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs, add_export_verbs):
+                _add_eval_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs, add_export_verbs,
+                add_peft_verbs):
         add(sub)
     return p
 

@@ -49,3 +49,7 @@ class QueueFull(LMFoundryError):
 
 class EngineStopped(LMFoundryError):
     """The serving engine is shutting down (or has stopped) and takes no new work."""
+
+
+class AdapterError(LMFoundryError):
+    """LoRA settings are invalid, or an adapter directory is malformed or does not fit its base model."""

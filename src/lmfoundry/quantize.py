@@ -120,11 +120,12 @@ def quantize(model, method: str = "int8"):
 # ---------------------------------------------------------------- the one loader
 
 def load_for_inference(path, dtype: str | None = "auto", quantize_method: str | None = None, device=None,
-                       compile: bool = False):
+                       compile: bool = False, adapter=None):
     """The model generate, chat, serve and eval run: load_model in `dtype` (auto: the checkpoint's),
     then, with quantize_method "int8", int8 weight-only linears (and, unless a dtype was given,
     bf16 for the rest: the int8 kernel multiplies in bf16); with `compile`, one compiled decode
-    step over a static KV cache (generate.compile_decoding)."""
+    step over a static KV cache (generate.compile_decoding); `adapter`: a PEFT LoRA adapter folded
+    into the weights as they are read."""
     from .checkpoint import load_model
     from .checkpoint.io import parse_dtype
     dtype = parse_dtype(dtype)
@@ -132,7 +133,7 @@ def load_for_inference(path, dtype: str | None = "auto", quantize_method: str | 
         raise LMFoundryError(f"--quantize {quantize_method}: unknown; known: {', '.join(QUANTIZATIONS)}")
     if quantize_method is not None and dtype is None:
         dtype = torch.bfloat16
-    model = load_model(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, device=device, adapter=adapter)
     if quantize_method:
         quantize(model, quantize_method)
     if compile:

@@ -3,6 +3,7 @@
     Checkpoint(path)       the directory opened for reading: .config, .format, .read(name) per tensor
     read_checkpoint(path)  -> ModelConfig, Format, lazy canonical tensors (nothing loaded yet); a .gguf too
     load_model(path)       -> Transformer
+    ...(path, adapter=DIR) the same with a PEFT LoRA adapter folded into each tensor as it is read
     save_model(model, path, format=..., tokenizer_from=...)
     write_checkpoint(path, cfg, tensors, format=...)   streaming, one writer for everything
     convert(src, dst, to=...)                          streaming, never builds a model
@@ -51,10 +52,11 @@ class Checkpoint:
     Opening reads only config.json and the safetensors headers, and checks that every tensor the
     config needs is there with the right shape and that nothing unexpected is. Each read checks
     the stored dtype, splits a fused tensor (OpenELM's qkv_proj) into its own copy of the part
-    and refuses NaN or inf.
+    and refuses NaN or inf. With `adapter` (a PEFT LoRA adapter directory, checked against this
+    config and format on opening), each tensor is read with the adapter folded in (lora.Adapter).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, adapter: str | Path | None = None):
         self.path = Path(path)
         self.config, self.format = read_config(path)
         self.files = LazyTensors(path)
@@ -70,6 +72,7 @@ class Checkpoint:
                                       f"{list(self.files.shape(theirs))}, config.json implies {list(want)}")
             for k, part in enumerate(ours):
                 self.stored[part] = (theirs, k, sizes)
+        self.adapter = _adapter(adapter, self.config, self.format)
 
     def _check_names(self, plan: dict):
         missing = [n for n in plan if n not in self.files]
@@ -107,7 +110,7 @@ class Checkpoint:
             t = t.split(sizes)[part].clone()       # a copy, so the fused tensor is freed
         if not all_finite(t):
             raise CheckpointError(f"{file}: tensor {theirs} read as {name} contains NaN or inf values")
-        return t
+        return t if self.adapter is None else self.adapter.fold(name, t)
 
     def loaders(self) -> dict[str, Callable[[], torch.Tensor]]:
         """Canonical name -> a zero-argument reader of it, in ModelConfig.shapes() order."""
@@ -118,29 +121,43 @@ def _more(names: list) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def read_checkpoint(path: str | Path) -> tuple[ModelConfig, Format, dict[str, Callable[[], torch.Tensor]]]:
+def _adapter(path, config, fmt):
+    if path is None:
+        return None
+    from ..lora import Adapter
+    return Adapter(path, config, fmt)
+
+
+def read_checkpoint(path: str | Path, adapter: str | Path | None = None
+                    ) -> tuple[ModelConfig, Format, dict[str, Callable[[], torch.Tensor]]]:
     """Config, format and canonical name -> loader of each tensor (see Checkpoint); a GGUF file
     is dequantized on load (checkpoint/gguf.py); a training checkpoint (OUT/checkpoints/step-N)
-    is assembled from its shards (checkpoint/sharded.py)."""
+    is assembled from its shards (checkpoint/sharded.py). `adapter`: fold a PEFT LoRA adapter in."""
     from .gguf import is_gguf, read_gguf
     from .sharded import is_sharded, read_sharded
     if is_gguf(path):
-        return read_gguf(path)
-    if is_sharded(path):
-        return read_sharded(path)
-    ckpt = Checkpoint(path)
-    return ckpt.config, ckpt.format, ckpt.loaders()
+        config, fmt, loaders = read_gguf(path)
+    elif is_sharded(path):
+        config, fmt, loaders = read_sharded(path)
+    else:
+        ckpt = Checkpoint(path, adapter)
+        return ckpt.config, ckpt.format, ckpt.loaders()
+    lora = _adapter(adapter, config, fmt)
+    if lora is not None:
+        loaders = {name: (lambda name=name, read=read: lora.fold(name, read())) for name, read in loaders.items()}
+    return config, fmt, loaders
 
 
-def load_model(path: str | Path, dtype=None, device=None):
-    """A Transformer with the weights of a Hugging Face checkpoint directory.
+def load_model(path: str | Path, dtype=None, device=None, adapter: str | Path | None = None):
+    """A Transformer with the weights of a Hugging Face checkpoint directory (with a PEFT LoRA
+    adapter folded in: `adapter`).
 
     dtype None keeps the checkpoint's dtype. Tensors are read one at a time straight into
     place, so peak memory is the model plus one tensor.
     """
     from ..model import Transformer, rope_inv_freq
 
-    config, _, loaders = read_checkpoint(path)
+    config, _, loaders = read_checkpoint(path, adapter)
     dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")
     with torch.device("meta"):

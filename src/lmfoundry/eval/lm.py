@@ -46,10 +46,11 @@ class LM:
             raise GenerationError("the tokenizer has neither a BOS nor an EOS token to condition an empty context on")
 
     @classmethod
-    def load(cls, path, dtype=None, device=None, quantize=None, compile=False, **kw) -> "LM":
+    def load(cls, path, dtype=None, device=None, quantize=None, compile=False, adapter=None, **kw) -> "LM":
         from ..quantize import load_for_inference
         from ..tokenizer import load_tokenizer
-        model = load_for_inference(path, dtype=dtype, quantize_method=quantize, device=device, compile=compile)
+        model = load_for_inference(path, dtype=dtype, quantize_method=quantize, device=device, compile=compile,
+                                   adapter=adapter)
         return cls(model, load_tokenizer(path), name=str(path), **kw)
 
     # ---- tokenization ----

@@ -324,14 +324,15 @@ def _resolve(spec: dict, levels: list, name: str, t: float, where: str) -> dict:
 
 
 class _Model(Checkpoint):
-    """One merge input: a checkpoint opened for reading, and the token of each embedding row."""
+    """One merge input: a checkpoint opened for reading (with a LoRA adapter folded into each tensor
+    as it is read, for mergekit's `base+adapter`), and the token of each embedding row."""
 
-    def __init__(self, path: Path):
-        super().__init__(path)                    # validates config, tensor names and shapes
+    def __init__(self, path: Path, adapter: Path | None = None):
+        super().__init__(path, adapter)           # validates config, tensor names and shapes (and the adapter)
         self._row_keys = None
 
     def __repr__(self):
-        return str(self.path)
+        return str(self.path) + (f"+{self.adapter.path}" if self.adapter is not None else "")
 
     def row_keys(self) -> list | None:
         """One key per embedding row: its token, or ("row", i) where no token names the row;
@@ -485,17 +486,28 @@ class _Recipe:
         return tok
 
     def model(self, ref, key: str = "model") -> _Model:
-        """The model at path `ref` (relative to the working directory, else to the recipe), opened once."""
+        """The model at path `ref` (relative to the working directory, else to the recipe), opened once;
+        mergekit's `base+adapter` folds a LoRA adapter directory into it."""
         if not isinstance(ref, str):
             raise ConfigError(f"{self.src}: {key} {ref!r} must be a path")
+        parts = ref.split("+")
+        if len(parts) > 2 or not all(parts):
+            raise ConfigError(f"{self.src}: {key} {ref!r}: expected PATH or PATH+ADAPTER (one '+')")
+        path = self._local(parts[0], key, ref)
+        adapter = self._local(parts[1], key, ref, "adapter") if len(parts) == 2 else None
+        name = f"{path}+{adapter}" if adapter else str(path)
+        if name not in self.models:
+            self.models[name] = _Model(path, adapter)
+        return self.models[name]
+
+    def _local(self, ref: str, key: str, written: str, what: str = "checkpoint") -> Path:
         cands = [Path(ref)] + ([self.path.parent / ref] if self.path and not Path(ref).is_absolute() else [])
         path = next((c.resolve() for c in cands if c.is_dir()), None)
         if path is None:
-            raise ConfigError(f"{self.src}: {key} {ref!r} not found (lmfoundry merges local checkpoint "
-                              "directories; download hub models first)")
-        if str(path) not in self.models:
-            self.models[str(path)] = _Model(path)
-        return self.models[str(path)]
+            where = f"{key} {ref!r}" if ref == written else f"{key} {written!r}: {what} {ref!r}"
+            raise ConfigError(f"{self.src}: {where} not found (lmfoundry merges local {what} directories; download "
+                              "hub models first)")
+        return path
 
     def parameters(self, d, where: str, shared_ok: bool = True) -> dict:
         method, name = self.method, self.method_name

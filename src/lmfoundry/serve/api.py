@@ -779,7 +779,7 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
           max_batch: int = 16, max_queue: int = 64, kv_budget: int | None = None, max_model_len: int | None = None,
           dtype=None, device=None, quantize=None, compile=False,
           served_model_name: str | None = None, shutdown_timeout: float = 30.0, log_level: str = "info",
-          allowed_hosts=(), cors_origins=()) -> None:
+          allowed_hosts=(), cors_origins=(), adapter=None) -> None:
     """Load a checkpoint and serve it until SIGINT/SIGTERM (in-flight requests finish first,
     for up to `shutdown_timeout` seconds; then they are cancelled)."""
     _, uvicorn = require_serving()
@@ -800,7 +800,8 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     pkg_log.setLevel(log_level.upper())
 
     t0 = time.perf_counter()
-    model = load_for_inference(model_dir, dtype=dtype, quantize_method=quantize, device=device, compile=compile)
+    model = load_for_inference(model_dir, dtype=dtype, quantize_method=quantize, device=device, compile=compile,
+                               adapter=adapter)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: /v1/chat/completions will answer 400", model_dir)

@@ -80,9 +80,11 @@ def train(model, batches, objective, cfg: TrainConfig, out_dir, *, eval_batches=
     log = Metrics(run.path, rank, resumed_from, cfg.report_to,
                   {**dataclasses.asdict(cfg), "objective": objective.name, "run": run_info or {}})
     if callable(getattr(objective, "prepare", None)):
+        reference = getattr(trainable, "reference", None)
         objective.prepare(PrepareContext(net, model, device, stream.peek, (cfg.steps - step) * cfg.grad_accum,
                                          eval_list or [], ckpts.root, resumed_from is not None,
-                                         cfg.progress and rank == 0, autocast))
+                                         cfg.progress and rank == 0, autocast,
+                                         reference and (lambda: reference(model))))
 
     bar = tqdm(total=cfg.steps, initial=step, desc=objective.name, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))
@@ -166,9 +168,11 @@ def _placement(cfg: TrainConfig, world: int):
 
 
 def _setup(model, trainable, cfg: TrainConfig, device, amp):
-    """fp32 master weights on `device`, all but the trainable's parameters frozen, the parallel
+    """The trainable's placement (fp32 master weights unless it says otherwise) on `device`, all but
+    the trainable's parameters frozen, the parallel
     wrapping, and AdamW over the trainable's parameters (weight decay on matrices only)."""
-    model.to(device=device, dtype=torch.float32).train()
+    getattr(trainable, "place", WholeModel().place)(model, device, amp)
+    model.train()
     chosen = {id(p) for p in trainable.parameters(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)

@@ -67,6 +67,8 @@ class PrepareContext:
     resuming: bool = False                     # the model is no longer the initial one
     progress: bool = False                     # show bars (rank 0)
     autocast: Callable = nullcontext
+    reference: Callable | None = None          # a context manager factory under which `net` is the reference
+                                               # policy (LoRA: adapters off); None: the initial weights are
 
 
 class NextToken:
@@ -352,8 +354,9 @@ class DPO:
 
     def prepare(self, ctx: PrepareContext):
         """Reference log-probs of every pair this run will see (the upcoming batches and the eval
-        batches), from the initial policy, once: kept in OUT/checkpoints/dpo_reference.safetensors,
-        so a resume finds them (it no longer has the initial policy to compute them with)."""
+        batches), from the initial policy (or ctx.reference's: LoRA's base), once: kept in
+        OUT/checkpoints/dpo_reference.safetensors, so a resume finds them (without ctx.reference it
+        no longer has the initial policy to compute them with)."""
         from safetensors.torch import load_file, save_file
         from tqdm.auto import tqdm
         ref_file = ctx.checkpoint_dir / "dpo_reference.safetensors"
@@ -364,12 +367,12 @@ class DPO:
         rank, world = D.rank_and_world()
         if not int(D.all_reduce_sum(torch.tensor(len(todo), dtype=torch.int64))):
             return
-        if ctx.resuming:
+        if ctx.resuming and ctx.reference is None:
             raise TrainError(f"{ref_file}: DPO reference log-probs are missing for pairs this run will see (were "
                              "--steps or the data changed?); the reference is the initial model, which a resume no "
                              "longer has")
         n = max(D.all_gather_objects(len(todo)))
-        with torch.no_grad():
+        with torch.no_grad(), (ctx.reference or nullcontext)():
             for i in tqdm(range(n), desc="dpo reference", unit="batch", disable=not ctx.progress):
                 # under FSDP every rank must run the same number of forwards
                 batch = todo[i] if i < len(todo) else todo[-1] if todo else upcoming[0]

@@ -22,23 +22,33 @@ from .state import prepare_out_dir
 __all__ = ["run", "resolve", "build_model", "VERBS"]
 
 
-def build_model(spec: str, tokenizer, seed: int):
+def build_model(spec: str, tokenizer, seed: int, lora=None, device=None, dtype=None):
     """A checkpoint directory (loaded as is) or a preset (random init, special token ids taken
-    from the tokenizer)."""
+    from the tokenizer). With `lora` (a LoraConfig): adapters on a frozen base read straight onto
+    `device` in `dtype` (QLoRA: NF4 as it is read), see lora.load_lora_model."""
     import torch
 
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, read_checkpoint
     from ..config import PRESETS, ModelConfig
     from ..model import Transformer
     if Path(spec).is_dir():
-        model = load_model(spec)
+        if lora is None:
+            model = load_model(spec)
+        else:
+            from ..lora import load_lora_model
+            cfg, fmt, loaders = read_checkpoint(spec)
+            model = load_lora_model(cfg, loaders, lora, fmt, device or "cpu", dtype or torch.float32, seed)
     elif spec in PRESETS:
         cfg = ModelConfig.from_preset(spec)
         if tokenizer is not None:
             ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
             cfg = cfg.replace(**{f"{k}_token_id": v for k, v in ids.items() if v is not None})
         torch.manual_seed(seed)
-        model = Transformer(cfg)
+        if lora is None:
+            model = Transformer(cfg)
+        else:
+            from ..lora import load_lora_model
+            model = load_lora_model(cfg, None, lora, None, device or "cpu", dtype or torch.float32, seed)
     else:
         raise TrainError(f"--model {spec}: neither a checkpoint directory nor a preset "
                          f"(presets: {', '.join(sorted(PRESETS))})")
@@ -107,21 +117,67 @@ def run(verb: str, opts: dict):
         if tokenizer_dir is None:
             raise TrainError(f"--model {opts['model']} is a preset, which has no tokenizer: give --tokenizer DIR")
         tokenizer = load_tokenizer(tokenizer_dir)
-        model = build_model(opts["model"], tokenizer, opts["seed"])
+        lora = lora_config(opts)
+        device, dtype = _base_placement(opts)
+        model = build_model(opts["model"], tokenizer, opts["seed"], lora, device, dtype)
         if opts["seq_len"] > model.config.max_seq_len:
             raise TrainError(f"--seq-len {opts['seq_len']} is longer than the model's context "
                              f"{model.config.max_seq_len}")
+        if D.rank_and_world()[0] == 0 and opts["progress"]:
+            print(memory_plan(verb, opts, model.config, lora).describe(), flush=True)
         batches, eval_batches, objective = _data_and_objective(verb, opts, tokenizer, tokenizer_dir)
         steps = opts["steps"]
         if "steps" not in opts["_given"] and opts.get("epochs"):
             steps = max(1, math.ceil(len(batches) / opts["grad_accum"]))   # exactly the epochs asked for
         fmt = opts["format"] or (read_config(model_dir)[1].name if model_dir else None)
         info = {"verb": verb, **{k: v for k, v in opts.items() if not k.startswith("_")}}
+        trainable = None
+        if lora is not None:
+            from .trainable import LoRA
+            trainable = LoRA(base_model=str(Path(model_dir).resolve()) if model_dir else opts["model"])
         return train(model, batches, objective, train_config(opts, steps=steps), run_dir, eval_batches=eval_batches,
-                     tokenizer_from=tokenizer_dir, format=fmt, run_info=info)
+                     tokenizer_from=tokenizer_dir, format=fmt, run_info=info, trainable=trainable)
     finally:
         if D.rank_and_world()[1] > 1 and D.dist.is_initialized():
             D.dist.destroy_process_group()
+
+
+LORA_SETTINGS = ("lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "qlora")
+
+
+def lora_config(opts: dict):
+    """The LoraConfig the settings describe, or None (no --lora-rank: every weight is trained)."""
+    from ..lora import LoraConfig
+    from .settings import flag
+    if opts.get("lora_rank") is None:
+        given = [k for k in LORA_SETTINGS if k in opts.get("_given", ())]
+        if given:
+            raise TrainError(f"{flag(given[0])} configures LoRA adapters: give --lora-rank R too")
+        return None
+    return LoraConfig(rank=opts["lora_rank"], alpha=opts["lora_alpha"], dropout=opts["lora_dropout"],
+                      targets=tuple(opts["lora_targets"]), rslora=opts["rslora"], dora=opts["dora"],
+                      qlora=opts["qlora"])
+
+
+def _base_placement(opts: dict):
+    """Where a LoRA base is built: the training device, in the compute dtype (the loop's rule;
+    the trainable's place() has the last word)."""
+    import torch
+    device = D.default_device() if opts["device"] == "auto" else torch.device(opts["device"])
+    bf16 = opts["dtype"] in ("bfloat16", "bf16") or (opts["dtype"] == "auto" and device.type == "cuda")
+    return device, torch.bfloat16 if bf16 else torch.float32
+
+
+def memory_plan(verb: str, opts: dict, cfg, lora):
+    """The planner's estimate for this run (printed once at its start)."""
+    from ..memory import plan_training
+    method = "full" if lora is None else "qlora" if lora.qlora else "lora"
+    device, _ = _base_placement(opts)
+    world = D.rank_and_world()[1]
+    return plan_training(cfg, method, opts["seq_len"], opts["batch_size"], lora=lora, gpus=world,
+                         fsdp=opts["fsdp"], activation_checkpointing=opts["activation_checkpointing"],
+                         device=device.type, dtype=opts["dtype"], grad_accum=opts["grad_accum"],
+                         rows_per_example=2 if verb == "dpo" else 1)
 
 
 def _data_and_objective(verb: str, opts: dict, tokenizer, tokenizer_dir):

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from ..records import read_yaml_mapping
 from ..errors import TrainError
+from ..lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
+from ..lora import TARGETS as LORA_TARGETS
 from .metrics import TRACKERS
 from .objectives import DPO_LOSSES
 from .schedule import SCHEDULES
@@ -51,6 +53,11 @@ def one_of(*choices):
 def trackers(names):
     unknown = [n for n in names if n not in TRACKERS]
     return f"must name trackers from {', '.join(TRACKERS)} (or none)" if unknown else None
+
+
+def lora_targets(names):
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    return f"must name modules from {', '.join(LORA_TARGETS)}" if unknown or not names else None
 
 
 # ---------------------------------------------------------------- value types (flags arrive as text)
@@ -155,6 +162,17 @@ SETTINGS: dict[str, Setting] = {
     "beta": S(float, 0.1, "DPO beta", ("dpo",), above(0)),
     "label_smoothing": S(float, 0.0, "conservative-DPO label smoothing eps", ("dpo",), within(0, 0.5, True)),
     "loss": S(str, "sigmoid", "sigmoid (DPO) or ipo", ("dpo",), one_of(*DPO_LOSSES)),
+    # LoRA / QLoRA (lmfoundry.lora): only the adapters are trained; OUT is a PEFT adapter directory
+    "lora_rank": S(int, None, "train rank-R LoRA adapters instead of every weight (OUT: a PEFT adapter)",
+                   check=POSITIVE),
+    "lora_alpha": S(float, None, "LoRA scale numerator: updates scaled by alpha/rank (default: 2 x rank)",
+                    check=above(0)),
+    "lora_dropout": S(float, 0.0, "dropout on the adapters' input", check=within(0, 1, True)),
+    "lora_targets": S(names_list, LORA_DEFAULT_TARGETS, "modules that get adapters, from "
+                      f"{','.join(LORA_TARGETS)}", check=lora_targets),
+    "rslora": S(bool, False, "rank-stabilised LoRA: scale by alpha/sqrt(rank)"),
+    "dora": S(bool, False, "DoRA: weight-decomposed LoRA (a trained magnitude per output row)"),
+    "qlora": S(bool, False, "QLoRA: the base's projections held in 4-bit NF4 (torchao), dequantized per layer"),
     # bookkeeping and hardware
     "log_every": S(int, 1, "log every N steps", check=POSITIVE, train=True),
     "eval_every": S(int, 0, "held-out loss every N steps (and at the end)", check=NONNEG, train=True),

@@ -518,6 +518,8 @@ def build_parser():
 
     from .curate.cli import add_parser as add_data_parser
     add_data_parser(sub)
+    from .train.cli import add_parser as add_alignment_parser
+    add_alignment_parser(sub)
     return p
 
 

@@ -306,7 +306,7 @@ class JudgeClient:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last = None
+        last = content = None
         for attempt in range(self.retries + 1):
             try:
                 self.calls += 1

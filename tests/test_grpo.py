@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import has_digit, number_prompts
+from conftest import CrashAfter, has_digit, number_prompts
 
 from lmfoundry.checkpoint import load_model
 from lmfoundry.errors import TrainError
@@ -149,18 +149,6 @@ def test_grpo_raises_the_reward_of_a_verifiable_task(tmp_path, demo_dir):
     assert first < 0.4 and last > first + 0.3
 
 
-class FailAt(GRPO):
-    def __init__(self, *a, calls, **kw):
-        super().__init__(*a, **kw)
-        self.calls, self.seen = calls, 0
-
-    def __call__(self, model, batch):
-        self.seen += 1
-        if self.seen > self.calls:
-            raise RuntimeError("simulated crash")
-        return super().__call__(model, batch)
-
-
 def test_several_steps_per_rollout_reuse_its_samples_and_resume_mid_cycle(tmp_path, demo_dir, monkeypatch):
     import lmfoundry.train.online as online
     calls = []
@@ -172,8 +160,8 @@ def test_several_steps_per_rollout_reuse_its_samples_and_resume_mid_cycle(tmp_pa
     assert rows[0]["clip_ratio"] == 0.0 and rows[0]["kl"] == 0.0  # first pass: the sampling policy itself
     assert rows[1]["kl"] > 0                                      # second pass: the policy has moved
     tok = load_tokenizer(demo_dir)
-    crash = FailAt(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, num_iterations=2, beta=0.04,
-                   calls=3)
+    crash = CrashAfter(GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, num_iterations=2,
+                            beta=0.04), calls=3)
     with pytest.raises(RuntimeError):       # dies in step 4, the second pass over the second rollout
         run(tmp_path, demo_dir, steps=6, out="cut", save_every=1, objective=crash)
     resumed = run(tmp_path, demo_dir, steps=6, out="cut", save_every=1, num_iterations=2, beta=0.04, resume=True,

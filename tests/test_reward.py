@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CrashAfter
 
 from lmfoundry.checkpoint import load_model
 from lmfoundry.checkpoint.formats import SEQ_CLS, weight_plan
@@ -167,20 +168,6 @@ def test_a_tiny_reward_model_learns_a_synthetic_preference_set(tmp_path, demo_di
     assert res["chosen"]["min"] > res["rejected"]["max"]
 
 
-class FailAt(BradleyTerry):
-    """Stands in for a crash on forward number `calls + 1`."""
-
-    def __init__(self, calls):
-        super().__init__()
-        self.calls, self.seen = calls, 0
-
-    def __call__(self, model, batch):
-        self.seen += 1
-        if self.seen > self.calls:
-            raise RuntimeError("simulated crash")
-        return super().__call__(model, batch)
-
-
 def test_reward_training_resumes_exactly_from_its_checkpoint(tmp_path):
     batches = [pair_batch(seed=s) for s in range(6)]
     cfg = TrainConfig(steps=6, lr=1e-3, warmup=0, progress=False, save_every=2, weight_decay=0.0)
@@ -190,7 +177,7 @@ def test_reward_training_resumes_exactly_from_its_checkpoint(tmp_path):
         return RewardModel(Transformer(ModelConfig.from_preset("tiny").replace(pad_token_id=PAD)))
     full = train(rm(), ListBatches(batches), BradleyTerry(), cfg, tmp_path / "full", trainable=RewardModelWeights())
     with pytest.raises(RuntimeError):
-        train(rm(), ListBatches(batches), FailAt(3), cfg, tmp_path / "cut", trainable=RewardModelWeights())
+        train(rm(), ListBatches(batches), CrashAfter(BradleyTerry(), 3), cfg, tmp_path / "cut", trainable=RewardModelWeights())
     assert (tmp_path / "cut" / "checkpoints" / "step-00000002" / "trainable.safetensors").is_file()
     resumed = train(rm(), ListBatches(batches), BradleyTerry(), cfg, tmp_path / "cut", resume=True,
                     trainable=RewardModelWeights())
@@ -215,3 +202,38 @@ def test_bad_reward_inputs_fail_with_one_line(tmp_path, demo_dir, capsys):
     assert main(["reward", "score", str(demo_dir), "--data", str(data)]) == 1
     assert "is not a reward model" in capsys.readouterr().err
     assert not (tmp_path / "b" / "config.json").exists()
+
+
+def distributed_worker(rank, world, port, out, fsdp):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mine = [{k: v[rank::world] for k, v in pair_batch(B=2, seed=s).items()} for s in range(4)]
+        torch.manual_seed(0)
+        rm = RewardModel(Transformer(ModelConfig.from_preset("tiny").replace(pad_token_id=PAD)))
+        cfg = TrainConfig(steps=4, lr=1e-3, warmup=0, progress=False, weight_decay=0.0, fsdp=fsdp)
+        result = train(rm, ListBatches(mine), BradleyTerry(), cfg, f"{out}/run", trainable=RewardModelWeights())
+        if rank == 0:
+            with open(f"{out}/losses.json", "w") as f:
+                json.dump(result.losses, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_train_a_reward_model_like_one(tmp_path, fsdp):
+    import torch.multiprocessing as mp
+    from test_train_distributed import free_port
+    torch.manual_seed(0)
+    rm = RewardModel(Transformer(ModelConfig.from_preset("tiny").replace(pad_token_id=PAD)))
+    cfg = TrainConfig(steps=4, lr=1e-3, warmup=0, progress=False, weight_decay=0.0)
+    single = train(rm, ListBatches([pair_batch(B=2, seed=s) for s in range(4)]), BradleyTerry(), cfg,
+                   tmp_path / "single", trainable=RewardModelWeights())
+    mp.spawn(distributed_worker, args=(2, free_port(), str(tmp_path), fsdp), nprocs=2, join=True)
+    assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(single.losses, abs=1e-5)
+    a, b = load_reward_model(tmp_path / "single"), load_reward_model(tmp_path / "run")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0, msg=name)

@@ -128,6 +128,11 @@ class RewardModelWeights(WholeModel):
     """Every weight of a RewardModel, body and score head; the export is a Hugging Face sequence
     classifier in the body's family (`format`: llama or mistral)."""
 
+    def state_dict(self, model) -> dict[str, torch.Tensor]:
+        """Full tensors by the RewardModel's own names (body.*, score.weight): checkpoints keep them
+        as they are, never as a causal LM (restated so no causal-LM path is taken for them)."""
+        return full_state_dict(model)
+
     def export(self, model, path, format=None, dtype=None, tokenizer_from=None):
         weights = full_state_dict(model)
         if D.rank_and_world()[0] == 0:

@@ -49,3 +49,31 @@ def demo_dir(tmp_path_factory):
     """A tiny Llama checkpoint with a trained byte-level BPE tokenizer and a ChatML template."""
     from lmfoundry.demo import make_demo_checkpoint
     return make_demo_checkpoint(tmp_path_factory.mktemp("demo") / "tiny")
+
+
+# ---- online objectives (tests/test_grpo.py, tests/test_online_dpo.py)
+
+def has_digit(text: str, answer) -> float:
+    """A verifier a tiny random policy can learn: 1 when the completion holds a digit."""
+    return float(any(ch.isdigit() for ch in text))
+
+
+def number_prompts(n: int = 16) -> list[dict]:
+    return [{"prompt": f"Give me a number please ({i})", "answer": str(i % 10)} for i in range(n)]
+
+
+class CrashAfter:
+    """Wraps an objective (hooks and all): its forward number `calls + 1` raises, as a preempted
+    job would die mid-step."""
+
+    def __init__(self, objective, calls: int):
+        self.objective, self.calls, self.seen = objective, calls, 0
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+    def __call__(self, model, batch):
+        self.seen += 1
+        if self.seen > self.calls:
+            raise RuntimeError("simulated crash")
+        return self.objective(model, batch)

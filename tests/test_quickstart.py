@@ -23,6 +23,10 @@ def test_every_stage_recorded(fast_run):
     ev = state["stages"]["eval:dpo"]
     for key in ("heldout_loss", "math_em", "mc_acc", "pref_acc"):
         assert 0 <= ev[key] < 20
+    online = state["stages"]["online"]
+    assert online["steps"] == 6 and online["from"] == "dpo"
+    assert {"score/mean", "pairs/usable", "pairs/tied"} <= set(online["metrics"][0])
+    assert 0 <= state["stages"]["eval:online"]["math_em"] <= 1
     assert ev["math_n"] > 0 and ev["mc_n"] > 0 and ev["pref_n"] > 0
     s = state["stages"]
     assert s["continue"]["layers"] == 2 * (s["base"]["layers"] - 1)          # --fast: n=4, m=1
@@ -35,10 +39,11 @@ def test_every_stage_recorded(fast_run):
 def test_report_and_plots(fast_run):
     report = (fast_run / "report.md").read_text()
     for heading in ("## The recipe", "## Tokenizer: compression, English vs Korean", "## Evaluation after every stage",
-                    "## Depth Up-Scaling", "## The SOLAR paper's claims at this scale", "## What the final model says"):
+                    "## Depth Up-Scaling", "## The papers' claims at this scale (SOLAR; EXAONE's online stage)",
+                    "## What the final model says"):
         assert heading in report
-    assert report.count("— *") == 5                       # five claims, each with a verdict
-    for name in ("training.png", "dus.png", "stages.png"):
+    assert report.count("— *") == 6                       # six claims, each with a verdict
+    for name in ("training.png", "dus.png", "stages.png", "online.png"):
         png = (fast_run / "plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
         assert f"plots/{name}" in report

@@ -9,9 +9,9 @@ import pytest
 from lmfoundry.quickstart.synth import DOC_KINDS, Sizes, build, josa
 
 SMALL = Sizes(pretrain_docs=600, continue_docs=300, heldout_docs=80, lang_docs=40, sft_general=300, sft_math=300,
-              sft_heldout=60, dpo_pairs=200, dpo_heldout=50, math_test=60, mc_test=80)
+              sft_heldout=60, dpo_pairs=200, dpo_heldout=50, math_test=60, mc_test=80, online_prompts=50)
 TINY = Sizes(pretrain_docs=60, continue_docs=30, heldout_docs=10, lang_docs=10, sft_general=30, sft_math=30,
-             sft_heldout=10, dpo_pairs=20, dpo_heldout=10, math_test=10, mc_test=20)
+             sft_heldout=10, dpo_pairs=20, dpo_heldout=10, math_test=10, mc_test=20, online_prompts=10)
 HANGUL = re.compile("[가-힣]")
 EQUATION = re.compile(r"(\d+) ([-+×]) (\d+) = (\d+)")
 OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "×": lambda x, y: x * y}
@@ -85,7 +85,7 @@ def test_manifest_counts_match_files(data):
                 "sft_general.jsonl": SMALL.sft_general, "sft_general_heldout.jsonl": SMALL.sft_heldout,
                 "sft_math.jsonl": SMALL.sft_math, "sft_math_heldout.jsonl": SMALL.sft_heldout,
                 "dpo.jsonl": SMALL.dpo_pairs, "dpo_heldout.jsonl": SMALL.dpo_heldout,
-                "eval/gsm8k.jsonl": SMALL.math_test, "eval/arc_easy.jsonl": SMALL.mc_test}
+                "online_prompts.jsonl": SMALL.online_prompts, "eval/gsm8k.jsonl": SMALL.math_test, "eval/arc_easy.jsonl": SMALL.mc_test}
     assert {k: v["records"] for k, v in manifest["files"].items()} == expected
     for name, n in expected.items():
         found = len(documents(out / name)) if name.endswith(".txt") else len(jsonl(out / name))
@@ -102,7 +102,7 @@ def test_held_out_questions_never_appear_in_training(data):
             | user_questions(jsonl(out / "sft_general_heldout.jsonl")))
     assert len(held) >= SMALL.math_test + SMALL.dpo_heldout + 2 * SMALL.sft_heldout
     trained = (user_questions(jsonl(out / "sft_math.jsonl")) | user_questions(jsonl(out / "sft_general.jsonl"))
-               | user_questions(jsonl(out / "dpo.jsonl")))
+               | user_questions(jsonl(out / "dpo.jsonl")) | user_questions(jsonl(out / "online_prompts.jsonl")))
     assert not held & trained
     corpus = (out / "pretrain.txt").read_text(encoding="utf-8") + (out / "continue.txt").read_text(encoding="utf-8")
     assert [q for q in held if q in corpus] == []

@@ -359,9 +359,10 @@ def build_parser():
     from .checkpoint.sharded import add_parser as add_export_verbs
     from .curate.cli import add_parser as add_data_verbs
     from .peft_cli import add_parser as add_peft_verbs
+    from .train.cli import add_parser as add_alignment_verbs
     for add in (_add_generation_verbs, _add_checkpoint_verbs, _add_tokenizer_verbs, _add_training_verbs,
                 _add_eval_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs, add_export_verbs,
-                add_peft_verbs):
+                add_peft_verbs, add_alignment_verbs):
         add(sub)
     return p
 

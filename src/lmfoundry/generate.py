@@ -189,9 +189,21 @@ def sample(samplers: Sequence[Sampler | None], logits: torch.Tensor) -> tuple[li
     logits = logits.float()
     nxt = logits.argmax(-1)
     running = [i for i, s in enumerate(samplers) if s is not None and s.finish is None]
+    shared: dict[tuple, list[int]] = {}
     for i in running:   # each sampled row has its own parameters and generator
-        if not samplers[i].greedy:
-            nxt[i] = samplers[i].choose(logits[i:i + 1])[0]
+        s = samplers[i]
+        if s.params.temperature > 0 and s.seen is None:
+            shared.setdefault((s.params.temperature, s.params.top_k, s.params.top_p), []).append(i)
+        elif not s.greedy:
+            nxt[i] = s.choose(logits[i:i + 1])[0]
+    for rows in shared.values():
+        # Rows with the same filters: one pass over their logits, then a draw from each row's own
+        # generator. torch.multinomial draws one sample as argmax(p / q), q ~ Exp(1) (aten's
+        # Distributions.cpp), so these are exactly the tokens choose() draws, with fewer calls.
+        idx = torch.tensor(rows, device=logits.device)
+        probs = process_logits(logits[idx], samplers[rows[0]].params).softmax(-1)
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=samplers[i].rng) for i in rows])
+        nxt[idx] = (probs / noise).argmax(-1)
     want = [i for i in running if samplers[i].params.logprobs is not None]
     if not want:
         return nxt.tolist(), {}

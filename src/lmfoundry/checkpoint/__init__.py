@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .formats import (FORMATS, IGNORED_SUFFIXES, Format, config_from_hf, config_to_hf, default_format, refusal,
-                      weight_plan)
+from .formats import (FORMATS, IGNORED_SUFFIXES, Format, config_from_hf, config_to_hf, default_format, head_shapes,
+                      refusal, weight_plan)
 from .io import (WEIGHT_DTYPES, LazyTensors, all_finite, atomic_dir, copy_tokenizer_files, dtype_name, parse_dtype,
                  read_json, write_json, write_safetensors)
 
@@ -60,7 +60,7 @@ class Checkpoint:
         self.path = Path(path)
         self.config, self.format = read_config(path)
         self.files = LazyTensors(path)
-        self.shapes = self.config.shapes()
+        self.shapes = head_shapes(self.config, self.format)
         plan = weight_plan(self.config, self.format)
         self._check_names(plan)
         self.stored: dict[str, tuple[str, int, list[int]]] = {}   # ours -> (stored name, part, part sizes)
@@ -157,7 +157,10 @@ def load_model(path: str | Path, dtype=None, device=None, adapter: str | Path | 
     """
     from ..model import Transformer, rope_inv_freq
 
-    config, _, loaders = read_checkpoint(path, adapter)
+    config, fmt, loaders = read_checkpoint(path, adapter)
+    if fmt.head != "lm":
+        raise CheckpointError(f"{path}: a {fmt.architecture} (a reward model) has no language-model head; load it with "
+                              "lmfoundry.train.reward.load_reward_model")
     dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -187,7 +190,7 @@ def write_checkpoint(path: str | Path, cfg: ModelConfig, tensors: Mapping[str, t
     """
     fmt = _format(format) if format is not None else default_format(cfg)
     hf, dtype = config_to_hf(cfg, fmt), parse_dtype(dtype)
-    plan, shapes = weight_plan(cfg, fmt), cfg.shapes()
+    plan, shapes = weight_plan(cfg, fmt), head_shapes(cfg, fmt)
     names = list(plan)
 
     def load(theirs):

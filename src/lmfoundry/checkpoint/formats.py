@@ -8,8 +8,10 @@ Adding an architecture means adding a table here, never a model class.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from ..config import ModelConfig, check_positive_int, openelm_layerwise
@@ -110,6 +112,7 @@ class Format:
     act_key: str = "hidden_act"
     # fields read outside `keys` -> the config.json key they come from (errors name that key)
     other_keys: dict = field(default_factory=dict)
+    head: str = "lm"              # "score": a sequence classifier (reward model), no LM head (SEQ_CLS below)
 
     @property
     def names(self) -> dict[str, str]:
@@ -263,7 +266,47 @@ FORMATS = {f.name: f for f in [
            supports=frozenset({"head_dim", "per_layer", "qk_norm", "tied_only"}),
            config_in=_openelm_in, config_out=_openelm_out, other_keys=OPENELM_KEYS),
 ]}
-ARCHITECTURES = {f.architecture: f for f in FORMATS.values()}
+
+
+# Sequence classifiers with one label (reward models, TRL's RewardTrainer): the causal format's body and
+# config, no lm_head, a bias-free `score` head [1, dim] read at each sequence's last non-pad token
+# (transformers' GenericForSequenceClassification). Keyed by the causal format; only families
+# transformers has a *ForSequenceClassification class for.
+def _one_label(hf: dict, fields: dict, extra_in=None):
+    labels = hf.get("id2label") or {}
+    if len(labels) != 1 and hf.get("num_labels") != 1:
+        raise ConfigError(f"a reward model has one label (num_labels 1); config.json has {len(labels) or 2} "
+                          "(id2label)")
+    if extra_in:
+        extra_in(hf, fields)
+
+
+def _one_label_out(cfg: ModelConfig, out: dict, extra_out=None):
+    if extra_out:
+        extra_out(cfg, out)
+    out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+
+
+def _seq_cls(fmt: Format, architecture: str) -> Format:
+    weights = {k: v for k, v in fmt.weights.items() if v != "lm_head.weight"} | {"score.weight": "score.weight"}
+    return dataclasses.replace(fmt, architecture=architecture, weights=weights, head="score",
+                               extra_in=partial(_one_label, extra_in=fmt.extra_in),
+                               extra_out=partial(_one_label_out, extra_out=fmt.extra_out))
+
+
+SEQ_CLS = {"llama": _seq_cls(FORMATS["llama"], "LlamaForSequenceClassification"),
+           "mistral": _seq_cls(FORMATS["mistral"], "MistralForSequenceClassification")}
+ARCHITECTURES = {f.architecture: f for f in [*FORMATS.values(), *SEQ_CLS.values()]}
+
+
+def head_shapes(cfg: ModelConfig, fmt: Format) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor a checkpoint in `fmt` holds: cfg.shapes(), and for a
+    sequence classifier no LM head but "score.weight" [1, dim]."""
+    shapes = cfg.shapes()
+    if fmt.head == "score":
+        shapes.pop("lm_head.weight", None)
+        shapes["score.weight"] = (1, cfg.dim)
+    return shapes
 
 
 def detect_format(hf: dict, path: str) -> Format:
@@ -335,7 +378,7 @@ def default_format(cfg: ModelConfig) -> Format:
 
 def weight_plan(cfg: ModelConfig, fmt: Format) -> dict[str, tuple[str, ...]]:
     """Checkpoint tensor name -> the canonical names it holds (several when fused), for cfg."""
-    shapes = cfg.shapes()
+    shapes = head_shapes(cfg, fmt)
     plan = {}
     for theirs, ours in fmt.weights.items():
         ours = (ours,) if isinstance(ours, str) else ours

@@ -12,6 +12,7 @@ guessed at.
 Records:
     SFT: {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]}
     DPO: {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages]}
+         (+ an optional numeric "margin", carried into batches for reward-model training, as TRL does)
 from a .jsonl file (one record per line), a .json file (a list of records), a .parquet file,
 a list of such files, or a list of records in memory.
 
@@ -61,7 +62,7 @@ def check_messages(messages, where: str, what: str = "messages") -> list[dict]:
 
 # ---------------------------------------------------------------- rendering and masks
 
-class _Renderer:
+class Renderer:
     """Tokens of a conversation and which of them are assistant tokens to train on."""
 
     def __init__(self, tokenizer):
@@ -173,7 +174,7 @@ class _EpochIterator:
         self.seq_len, self.batch_size, self.seed, self.epochs = seq_len, batch_size, seed, epochs
         self.rank, self.world_size = rank, world_size
         loaded = load_records(records)
-        return (_Renderer(tokenizer), _Overflow(overflow, seq_len, kind), loaded,
+        return (Renderer(tokenizer), _Overflow(overflow, seq_len, kind), loaded,
                 _progress(loaded, f"rendering {kind}s", progress))
 
     def __iter__(self):
@@ -291,22 +292,25 @@ class DPOBatches(_EpochIterator):
         render, fit, loaded, shown = self._setup(records, tokenizer, seq_len, batch_size, seed, epochs, overflow,
                                                  rank, world_size, progress, "preference pair")
         self.pairs: list[tuple] = []
+        self.margins: list[float] = []      # NaN where a record has none
         for where, record in shown:
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
             missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
             if missing:
                 raise DataError(f"{where}: record has no {', '.join(repr(k) for k in missing)} field")
-            prompt = _as_messages(record["prompt"], "user", where, "prompt")
+            prompt = as_messages(record["prompt"], "user", where, "prompt")
             sides = []
             for side in ("chosen", "rejected"):
-                reply = _as_messages(record[side], "assistant", where, side)
+                reply = as_messages(record[side], "assistant", where, side)
                 ids, target = render(prompt + reply, where, first=len(prompt))
                 sides.append(fit.fit(ids, target, where))
             if None in sides:   # a pair is kept or dropped whole
                 continue
             self.pairs.append(tuple(x for ids, target in sides for x in (ids, shifted_labels(ids, target))))
+            self.margins.append(_margin(record, where))
         fit.report(len(loaded))
+        self.has_margins = not all(np.isnan(self.margins))
         total = batch_size * world_size
         if len(self.pairs) < total:
             raise DataError(f"{len(self.pairs)} preference pairs is less than one batch of {total}")
@@ -329,14 +333,27 @@ class DPOBatches(_EpochIterator):
             out["chosen_labels"][r, :len(c_ids)] = c_lab
             out["rejected_input_ids"][r, :len(r_ids)] = r_ids
             out["rejected_labels"][r, :len(r_ids)] = r_lab
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+        batch = {k: torch.from_numpy(v) for k, v in out.items()}
+        if self.has_margins:
+            batch["margin"] = torch.tensor([self.margins[i] for i in mine], dtype=torch.float32)
+        return batch
 
     def _identity(self) -> dict:
         return {"seq_len": self.seq_len, "global_rows": self.batch_size * self.world_size, "seed": self.seed,
                 "examples": len(self.pairs)}
 
 
-def _as_messages(value, role: str, where: str, what: str) -> list[dict]:
+def _margin(record: dict, where: str) -> float:
+    m = record.get("margin")
+    if m is None:
+        return float("nan")
+    if isinstance(m, bool) or not isinstance(m, (int, float)):
+        raise DataError(f"{where}: 'margin' must be a number, got {m!r}")
+    return float(m)
+
+
+def as_messages(value, role: str, where: str, what: str) -> list[dict]:
+    """A prompt or reply as messages: a string is one turn of `role`, a list is checked as messages."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     return check_messages(value, where, what)

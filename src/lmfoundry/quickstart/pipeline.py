@@ -13,6 +13,8 @@ Every stage is a real lmfoundry step on data the package generates itself (synth
     sft-a/sft-b two SFT variants on different mixtures (SOLAR's SFT v3 / v4)
     merge       their average
     dpo         DPO on Synth. Math-Alignment-style pairs (chosen: correct, rejected: flawed)
+    online      online DPO on fresh math questions (EXAONE's order: offline, then online): the policy
+                samples, the GSM8K verifier scores, best vs worst sample is the pair
     eval:*      after every model: held-out loss, math exact match (GSM8K format), multiple
                 choice (ARC format), preference accuracy
     report      DIR/report.md with tables, plots and the claims checked (report.py)
@@ -60,11 +62,16 @@ class Plan:
     continue_steps: int            # the up-scaled model's; the control gets the same FLOPs
     sft_steps: int
     dpo_steps: int
+    online_steps: int
     lr_base: float = 6e-3            # tiny models want large learning rates and many small steps
     lr_continue: float = 1.5e-3      # re-warming to a high peak costs a loss bump in both arms
     lr_sft: float = 1e-3
     lr_dpo: float = 1e-4
     dpo_beta: float = 0.1
+    lr_online: float = 1e-4
+    online_beta: float = 0.1
+    online_k: int = 4                # samples per question (best vs worst)
+    online_temperature: float = 1.0
     warmup: int = 20
     eval_points: int = 10            # held-out evaluations per training stage
     eval_batches: int = 16
@@ -88,13 +95,13 @@ class Plan:
 PLANS = {
     "default": Plan("default", synth.Sizes(), vocab_size=2048, dim=128, n_layers=8, drop=2, n_heads=4, n_kv_heads=2,
                     ffn_dim=352, seq_len=256, batch_size=4, base_steps=750, continue_steps=300, sft_steps=130,
-                    dpo_steps=40, max_gen_toks=48),
+                    dpo_steps=40, online_steps=30, max_gen_toks=48),
     "fast": Plan("fast", synth.Sizes(pretrain_docs=2500, continue_docs=1200, heldout_docs=100, lang_docs=80,
                                      sft_general=400, sft_math=400, sft_heldout=40, dpo_pairs=200, dpo_heldout=40,
-                                     math_test=30, mc_test=40),
+                                     math_test=30, mc_test=40, online_prompts=64),
                  vocab_size=1024, dim=64, n_layers=4, drop=1, n_heads=4, n_kv_heads=2, ffn_dim=176, seq_len=256,
-                 batch_size=4, base_steps=150, continue_steps=60, sft_steps=40, dpo_steps=20, eval_batches=4,
-                 max_gen_toks=40),
+                 batch_size=4, base_steps=150, continue_steps=60, sft_steps=40, dpo_steps=20, online_steps=6,
+                 eval_batches=4, max_gen_toks=40),
 }
 
 def flops_per_token(cfg, seq_len: int) -> float:
@@ -155,7 +162,7 @@ class Quickstart:
 
     def _estimate(self, stage: str) -> float:
         """Seconds a stage should take: training FLOPs at the measured rate, evals by the last one."""
-        measured = [s for s in self.state["stages"].values() if "flops" in s]
+        measured = [s for k, s in self.state["stages"].items() if "flops" in s and k in TRAIN_STAGES]
         rate = (sum(s["flops"] for s in measured) / sum(s["train_seconds"] for s in measured)
                 if measured else (4e10 if self.plan.name == "fast" else 8e10))
         evals = [s["seconds"] for k, s in self.state["stages"].items() if k.startswith("eval:")]
@@ -163,7 +170,8 @@ class Quickstart:
             return sum(evals) / len(evals) if evals else (3.0 if self.plan.name == "fast" else 12.0)
         if stage in TRAIN_STAGES:
             return self._planned_flops(stage) / rate
-        return {"data": 3.0, "tokenizer": 3.0, "report": 4.0}.get(stage, 1.0)
+        return {"data": 3.0, "tokenizer": 3.0, "report": 4.0,
+                "online": self.plan.online_steps * (1.0 if self.plan.name == "fast" else 3.0)}.get(stage, 1.0)
 
     def _planned_flops(self, stage: str) -> float:
         p = self.plan
@@ -316,9 +324,16 @@ class Quickstart:
                            [self.data / "dpo_heldout.jsonl"], self.plan.dpo_steps, self.plan.lr_dpo,
                            self.plan.batch_size, None, beta=self.plan.dpo_beta)
 
+    def stage_online(self) -> dict:
+        p = self.plan
+        return self._train("online-dpo", "online", self.models / "dpo", [self.data / "online_prompts.jsonl"], None,
+                           p.online_steps, p.lr_online, p.batch_size, None, verifier="math", beta=p.online_beta,
+                           num_generations=p.online_k, temperature=p.online_temperature,
+                           max_new_tokens=p.max_gen_toks)
+
     def stage_final(self) -> dict:
-        """models/dpo without the training bookkeeping: a plain Hugging Face directory."""
-        src, dst = self.models / "dpo", self.out / "final"
+        """models/online without the training bookkeeping: a plain Hugging Face directory."""
+        src, dst = self.models / "online", self.out / "final"
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -339,9 +354,11 @@ class Quickstart:
         from ..checkpoint import read_config
         from ..train.loop import latest_checkpoint
         from ..train.recipe import resolve, run
+        from ..train.settings import ONLINE
         out = self.models / name
         resume = latest_checkpoint(out) is not None
-        flags = {"model": str(model), "data": [str(d) for d in data], "eval_data": [str(d) for d in eval_data],
+        flags = {"model": str(model), "prompts" if verb in ONLINE else "data": [str(d) for d in data],
+                 "eval_data": [str(d) for d in eval_data or []],
                  "out": str(out), "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": self.plan.seq_len,
                  "warmup": min(self.plan.warmup, steps // 5), "eval_every": max(1, steps // self.plan.eval_points),
                  "eval_batches": self.plan.eval_batches, "save_every": max(10, steps // 4), "keep_checkpoints": 1,
@@ -447,7 +464,7 @@ class Quickstart:
                  "output": text.strip()} for r, text in zip(prompts, outputs)]
 
 
-TRAIN_STAGES = ("base", "continue", "control", "sft-a", "sft-b", "dpo")
+TRAIN_STAGES = ("base", "continue", "control", "sft-a", "sft-b", "dpo")     # timed by FLOPs (online: by sampling)
 
 
 def _has_hangul(text: str) -> bool:

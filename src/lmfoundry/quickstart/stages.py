@@ -21,6 +21,8 @@ STAGES = [
     ("eval:merged", "evaluate the merge"),
     ("dpo", "DPO on the merge with math preference pairs"),
     ("eval:dpo", "evaluate the DPO model"),
+    ("online", "online DPO on math questions, the GSM8K verifier as reward (EXAONE: offline, then online)"),
+    ("eval:online", "evaluate the online-DPO model"),
     ("final", "write the final checkpoint"),
     ("report", "write report.md and plots"),
 ]

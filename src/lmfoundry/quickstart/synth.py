@@ -652,6 +652,11 @@ def dpo_record(rng, p: Problem) -> dict:
             "rejected": [{"role": "assistant", "content": p.solution(p.flaw(rng))}]}
 
 
+def online_record(rng, p: Problem) -> dict:
+    """A prompt for online preference optimisation: the question, and the answer a verifier checks."""
+    return {"prompt": [{"role": "user", "content": problem_prompt(rng, p.question)}], "answer": p.solution()}
+
+
 def mc_record(rng, index: int, answer_at: int) -> dict:
     """An ARC-format question about a world fact (80%) or an arithmetic fact (20%)."""
     lang = "en" if rng.random() < EN_SHARE else "ko"
@@ -683,6 +688,7 @@ class Sizes:
     sft_heldout: int = 100       # sft_general_heldout.jsonl and sft_math_heldout.jsonl each
     dpo_pairs: int = 1500        # dpo.jsonl
     dpo_heldout: int = 150       # dpo_heldout.jsonl
+    online_prompts: int = 512    # online_prompts.jsonl
     math_test: int = 100         # eval/gsm8k.jsonl
     mc_test: int = 150           # eval/arc_easy.jsonl
 
@@ -699,6 +705,7 @@ DESCRIPTIONS = {
     "sft_math_heldout.jsonl": "held-out math word problems",
     "dpo.jsonl": "preference pairs: correct vs one-arithmetic-error solution (Synth. Math-Alignment style)",
     "dpo_heldout.jsonl": "held-out preference pairs",
+    "online_prompts.jsonl": "math questions with their answers for online DPO (the policy samples, a verifier scores)",
     "eval/gsm8k.jsonl": "math test set in GSM8K's schema",
     "eval/arc_easy.jsonl": "multiple-choice world and arithmetic facts in ARC's schema",
 }
@@ -752,6 +759,8 @@ def build(out_dir, sizes: Sizes = Sizes(), seed: int = 0) -> dict:
     out["sft_math.jsonl"] = [math_record(r, p) for p in _problems(r, sizes.sft_math, seen)]
     r = rng("dpo")   # fresh questions: none of sft_math's
     out["dpo.jsonl"] = [dpo_record(r, p) for p in _problems(r, sizes.dpo_pairs, seen)]
+    r = rng("online")   # fresh questions again
+    out["online_prompts.jsonl"] = [online_record(r, p) for p in _problems(r, sizes.online_prompts, seen)]
     r = rng("sft_general")
     out["sft_general.jsonl"] = [general_record(r, reserved)[0] for _ in range(sizes.sft_general)]
     out["pretrain.txt"] = documents(rng("pretrain"), sizes.pretrain_docs, reserved, held_docs)

@@ -11,12 +11,18 @@
     settings.py    the one table of settings: CLI flags, YAML keys, TrainConfig
     schedule.py    warmup + cosine / WSD / constant learning rates
     distributed.py torchrun process group, DDP / FSDP2 / activation checkpointing / compile
-    recipe.py      what the `pretrain`, `sft` and `dpo` commands run: model + data + objective
+    recipe.py      what the training commands run: model + data + objective (+ what is trained)
+    reward.py      reward models: RewardModel, BradleyTerry, RewardModelWeights, load_reward_model, score_pairs
+    rollout.py     online data: PromptBatches, sampling, scorers (Verifier, RewardModelScorer, JudgeScorer)
+    online.py      OnlineDPO and GRPO (TRL's loss types)
 """
 from ..errors import TrainError
 from .distributed import init_distributed, parallelize
 from .loop import TrainResult, evaluate_loss, train
 from .objectives import DPO, SFT, NextToken, PrepareContext, dpo_loss, sequence_logps, token_logps
+from .online import GRPO, OnlineDPO
+from .reward import BradleyTerry, RewardModel, RewardModelWeights, load_reward_model, score_pairs
+from .rollout import JudgeScorer, PromptBatches, RewardModelScorer, Verifier
 from .schedule import lr_factor
 from .settings import TrainConfig
 from .state import ListBatches, RunDir, latest_checkpoint, prepare_out_dir
@@ -24,4 +30,6 @@ from .trainable import WholeModel
 
 __all__ = ["train", "evaluate_loss", "TrainConfig", "TrainResult", "TrainError", "ListBatches", "RunDir",
            "latest_checkpoint", "prepare_out_dir", "NextToken", "SFT", "DPO", "PrepareContext", "WholeModel",
-           "dpo_loss", "sequence_logps", "token_logps", "lr_factor", "init_distributed", "parallelize"]
+           "dpo_loss", "sequence_logps", "token_logps", "lr_factor", "init_distributed", "parallelize",
+           "OnlineDPO", "GRPO", "BradleyTerry", "RewardModel", "RewardModelWeights", "load_reward_model",
+           "score_pairs", "PromptBatches", "Verifier", "RewardModelScorer", "JudgeScorer"]

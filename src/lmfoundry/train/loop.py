@@ -214,7 +214,8 @@ def _count(objective, batches, device) -> torch.Tensor:
 
 def _sums(net, objective, batches, device, autocast, scale=None):
     """Σ loss and Σ statistics (float64) of `objective` over `batches`. With `scale`, each
-    micro-batch's loss times `scale` is backpropagated; gradients are communicated on the last."""
+    micro-batch's loss times `scale` is backpropagated; gradients are communicated on the last.
+    A statistic given as a pair (sum, count) also sums its own count, under "NAME/count"."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     stats: dict[str, torch.Tensor] = {}
     for k, batch in enumerate(batches):
@@ -226,8 +227,19 @@ def _sums(net, objective, batches, device, autocast, scale=None):
                 (part * scale).backward()
         loss_sum += part.detach()
         for name, v in part_stats.items():
-            stats[name] = stats.get(name, 0) + v.detach().double()
+            for key, x in zip((name, f"{name}/count"), v if isinstance(v, tuple) else (v,)):
+                stats[key] = stats.get(key, 0) + torch.as_tensor(x).detach().double().to(device)
     return loss_sum, stats
+
+
+def _means(stats: dict[str, torch.Tensor], count) -> dict[str, float]:
+    """Each summed statistic over the loss count, or over its own count where it has one (and is not 0)."""
+    out = {}
+    for name, v in stats.items():
+        n = stats.get(f"{name}/count", count)
+        if not name.endswith("/count") and float(n) != 0:
+            out[name] = float(v / n)
+    return out
 
 
 def _forward_backward(net, objective, micro, params, clip, device, autocast):
@@ -240,7 +252,7 @@ def _forward_backward(net, objective, micro, params, clip, device, autocast):
         grad_norm = grad_norm.full_tensor()
     names = sorted(stats)
     reduced = D.all_reduce_sum(torch.stack([loss_sum, *[stats[n] for n in names]]))
-    return (float(reduced[0] / count), {n: float(v / count) for n, v in zip(names, reduced[1:])}, float(grad_norm),
+    return (float(reduced[0] / count), _means(dict(zip(names, reduced[1:])), count), float(grad_norm),
             sum(objective.tokens(b) for b in micro) * world)
 
 
@@ -254,8 +266,9 @@ def evaluate_loss(model, objective, batches, device=None, autocast=nullcontext) 
     names = sorted(stats)
     reduced = D.all_reduce_sum(torch.stack([loss_sum, _count(objective, batches, device),
                                             *[stats[n] for n in names]]))
-    n = float(reduced[1].clamp(min=1))
-    return {"eval_loss": float(reduced[0]) / n, **{f"eval_{name}": float(v) / n for name, v in zip(names, reduced[2:])}}
+    n = reduced[1].clamp(min=1)
+    return {"eval_loss": float(reduced[0] / n),
+            **{f"eval_{name}": v for name, v in _means(dict(zip(names, reduced[2:])), n).items()}}
 
 
 def _nan_error(step, loss, grad_norm, ckpts: Checkpoints) -> TrainError:

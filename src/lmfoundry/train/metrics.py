@@ -1,7 +1,7 @@
 """What a run reports: OUT/metrics.jsonl, and the same series in the trackers of `report_to`.
 
     metrics.jsonl   one JSON object per logged step: step, loss, lr, grad_norm, tokens,
-                    tokens_per_s, the objective's statistics, eval_* at evaluation steps
+                    tokens_per_s, step_seconds, the objective's statistics, eval_* at evaluation steps
     tensorboard     OUT/tensorboard/ event files: every series as a scalar, the run's settings as text
     wandb           a Weights & Biases run in OUT/wandb/, offline unless WANDB_MODE says otherwise
                     (`wandb sync OUT/wandb/offline-run-*` uploads it later); the settings as its config
@@ -132,6 +132,7 @@ class Window:
     def row(self, step: int, lr: float, grad_norm: float, tokens_seen: int) -> dict:
         """The row for `step`; the window starts over."""
         row = {"step": step, "loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-               "tokens_per_s": self.tokens / max(self.time, 1e-9), **{n: v / self.steps for n, v in self.stats.items()}}
+               "tokens_per_s": self.tokens / max(self.time, 1e-9), "step_seconds": self.time / self.steps,
+               **{n: v / self.steps for n, v in self.stats.items()}}
         self.reset()
         return row

@@ -8,8 +8,9 @@ The objective protocol (what train() calls; any object with these works):
     tokens(batch) -> int          tokens the model reads (for throughput)
     __call__(model, batch) -> (loss_sum, stats)
                                   the loss *summed* over the batch's units and a dict of summed
-                                  statistics (logged divided by the same count); `model` is the
-                                  module the loop trains (DDP/FSDP-wrapped under torchrun)
+                                  statistics (logged divided by the same count, or by their own:
+                                  a value (sum, count) is logged as Σsum / Σcount); `model` is
+                                  the module the loop trains (DDP/FSDP-wrapped under torchrun)
   optional hooks, called when present:
     prepare(ctx)                  once before the first step of a run (and of a resume), with a
                                   PrepareContext: the model, a look at the upcoming batches, the

@@ -1,4 +1,5 @@
-"""What `lmfoundry pretrain | sft | dpo` run: a model, data and an objective handed to train().
+"""What `lmfoundry pretrain | sft | dpo | reward | online-dpo | grpo` run: a model, data, an
+objective and what is trained, handed to train().
 
     run("pretrain", resolve("pretrain", {"model": "tiny", "tokenizer": "tok/", "data": ["corpus.txt"],
                                          "out": "runs/a", "steps": 100}))
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..errors import TrainError
 from . import distributed as D
 from .loop import train
-from .settings import VERBS, resolve, train_config
+from .settings import ONLINE, VERBS, flag, resolve, train_config
 from .state import prepare_out_dir
 
 __all__ = ["run", "resolve", "build_model", "VERBS"]
@@ -118,23 +119,21 @@ def run(verb: str, opts: dict):
             raise TrainError(f"--model {opts['model']} is a preset, which has no tokenizer: give --tokenizer DIR")
         tokenizer = load_tokenizer(tokenizer_dir)
         lora = lora_config(opts)
-        device, dtype = _base_placement(opts)
-        model = build_model(opts["model"], tokenizer, opts["seed"], lora, device, dtype)
-        if opts["seq_len"] > model.config.max_seq_len:
+        fmt = opts["format"] or (read_config(model_dir)[1].name if model_dir else None)
+        model, trainable = _model_and_trainable(verb, opts, tokenizer, fmt, lora, model_dir)
+        if opts.get("seq_len", 0) > model.config.max_seq_len:
             raise TrainError(f"--seq-len {opts['seq_len']} is longer than the model's context "
                              f"{model.config.max_seq_len}")
-        if D.rank_and_world()[0] == 0 and opts["progress"]:
+        if "seq_len" in opts and D.rank_and_world()[0] == 0 and opts["progress"]:
             print(memory_plan(verb, opts, model.config, lora).describe(), flush=True)
-        batches, eval_batches, objective = _data_and_objective(verb, opts, tokenizer, tokenizer_dir)
+        if verb in ONLINE:
+            batches, eval_batches, objective = _online(verb, opts, tokenizer, model)
+        else:
+            batches, eval_batches, objective = _data_and_objective(verb, opts, tokenizer, tokenizer_dir)
         steps = opts["steps"]
         if "steps" not in opts["_given"] and opts.get("epochs"):
             steps = max(1, math.ceil(len(batches) / opts["grad_accum"]))   # exactly the epochs asked for
-        fmt = opts["format"] or (read_config(model_dir)[1].name if model_dir else None)
         info = {"verb": verb, **{k: v for k, v in opts.items() if not k.startswith("_")}}
-        trainable = None
-        if lora is not None:
-            from .trainable import LoRA
-            trainable = LoRA(base_model=str(Path(model_dir).resolve()) if model_dir else opts["model"])
         return train(model, batches, objective, train_config(opts, steps=steps), run_dir, eval_batches=eval_batches,
                      tokenizer_from=tokenizer_dir, format=fmt, run_info=info, trainable=trainable)
     finally:
@@ -148,7 +147,6 @@ LORA_SETTINGS = ("lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora",
 def lora_config(opts: dict):
     """The LoraConfig the settings describe, or None (no --lora-rank: every weight is trained)."""
     from ..lora import LoraConfig
-    from .settings import flag
     if opts.get("lora_rank") is None:
         given = [k for k in LORA_SETTINGS if k in opts.get("_given", ())]
         if given:
@@ -177,7 +175,86 @@ def memory_plan(verb: str, opts: dict, cfg, lora):
     return plan_training(cfg, method, opts["seq_len"], opts["batch_size"], lora=lora, gpus=world,
                          fsdp=opts["fsdp"], activation_checkpointing=opts["activation_checkpointing"],
                          device=device.type, dtype=opts["dtype"], grad_accum=opts["grad_accum"],
-                         rows_per_example=2 if verb == "dpo" else 1)
+                         rows_per_example=2 if verb in ("dpo", "reward") else 1)
+
+
+def _model_and_trainable(verb: str, opts: dict, tokenizer, fmt, lora, model_dir):
+    """The model train() steps and what of it is trained (None: every weight; LoRA: the adapters
+    on a frozen base). `reward`: a reward model, continued from a reward-model checkpoint or a new
+    score head on a causal LM."""
+    if verb in ("dpo", "online-dpo") and not opts["beta"] > 0:
+        raise TrainError(f"{flag('beta')} must be > 0 for {verb}, got {opts['beta']}")
+    if verb != "reward":
+        if lora is None:
+            return build_model(opts["model"], tokenizer, opts["seed"]), None
+        from .trainable import LoRA
+        model = build_model(opts["model"], tokenizer, opts["seed"], lora, *_base_placement(opts))
+        return model, LoRA(base_model=str(Path(model_dir).resolve()) if model_dir else opts["model"])
+    if lora is not None:
+        raise TrainError("--lora-rank: reward models are trained in full for now (drop --lora-rank)")
+    import torch
+
+    from ..checkpoint import read_config
+    from .reward import RewardModel, RewardModelWeights, load_reward_model, seq_cls_format
+    spec = opts["model"]
+    if Path(spec).is_dir() and read_config(spec)[1].head == "score":
+        model = load_reward_model(spec)
+    else:
+        body = build_model(spec, tokenizer, opts["seed"])
+        torch.manual_seed(opts["seed"])
+        model = RewardModel(body)
+    seq_cls_format(model.config, fmt)           # refuse a family without a sequence classifier now
+    return model, RewardModelWeights()
+
+
+def _scorer(opts: dict):
+    """The one scorer --reward, --verifier or --judge names."""
+    import os
+
+    from .rollout import VERIFIERS, JudgeScorer, RewardModelScorer, Verifier
+    given = [k for k in ("reward", "verifier", "judge") if opts[k]]
+    if len(given) != 1:
+        raise TrainError(f"give exactly one scorer: --reward RM, --verifier {'|'.join(VERIFIERS)} or --judge URL"
+                         + (f" (got {' and '.join(flag(k) for k in given)})" if given else ""))
+    if opts["reward"]:
+        return RewardModelScorer(opts["reward"], batch_size=opts["batch_size"] * opts["num_generations"])
+    if opts["verifier"]:
+        return Verifier(opts["verifier"], opts["answer_field"])
+    return JudgeScorer(opts["judge"], opts["judge_model"], os.environ.get("OPENAI_API_KEY"),
+                       cache=opts["judge_cache"] or Path(opts["out"]) / "judge_cache.jsonl",
+                       reference_field=opts["answer_field"])
+
+
+def _online(verb: str, opts: dict, tokenizer, model):
+    """(prompt batches, None, objective) of online-dpo / grpo; the reference (the initial policy,
+    for online DPO and for GRPO with beta > 0) is built from --model again, so a resume has it."""
+    from ..generate import SamplingParams
+    from .online import GRPO, OnlineDPO
+    from .rollout import PromptBatches
+    rank, world = D.rank_and_world()
+    room = model.config.max_seq_len - opts["max_new_tokens"]
+    if room < 1:
+        raise TrainError(f"--max-new-tokens {opts['max_new_tokens']} leaves no room for a prompt in the model's "
+                         f"context of {model.config.max_seq_len} tokens")
+    scorer = _scorer(opts)
+    params = SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
+                            top_p=opts["top_p"], top_k=opts["top_k"])
+    grpo = verb == "grpo"
+    batches = PromptBatches([str(f) for f in opts["prompts"]], tokenizer, opts["batch_size"], opts["seed"],
+                            field=opts["prompt_field"], required=scorer.required, why=getattr(scorer, "why", ""),
+                            repeat=opts["num_iterations"] if grpo else 1, group=opts["grad_accum"], rank=rank,
+                            world_size=world, max_prompt_tokens=room)
+    reference = build_model(opts["model"], tokenizer, opts["seed"]) if not grpo or opts["beta"] > 0 else None
+    common = dict(tokenizer=tokenizer, num_generations=opts["num_generations"], beta=opts["beta"],
+                  reference=reference, seed=opts["seed"])
+    if grpo:
+        objective = GRPO(scorer, params, epsilon=opts["epsilon"], epsilon_high=opts["epsilon_high"],
+                         loss_type=opts["loss_type"], scale_rewards=opts["scale_rewards"],
+                         num_iterations=opts["num_iterations"], mask_truncated=opts["mask_truncated"],
+                         kl_bias_correction=opts["kl_bias_correction"], **common)
+    else:
+        objective = OnlineDPO(scorer, params, loss_type=opts["loss"], label_smoothing=opts["label_smoothing"], **common)
+    return batches, None, objective
 
 
 def _data_and_objective(verb: str, opts: dict, tokenizer, tokenizer_dir):
@@ -199,5 +276,9 @@ def _data_and_objective(verb: str, opts: dict, tokenizer, tokenizer_dir):
                   progress=show, **shard)
     eval_batches = (cls([str(f) for f in opts["eval_data"]], tokenizer, seq_len, batch_size, seed, epochs=1,
                         progress=show, **shard) if opts["eval_data"] else None)
-    objective = SFT() if verb == "sft" else DPO(opts["beta"], opts["label_smoothing"], opts["loss"])
+    if verb == "reward":
+        from .reward import BradleyTerry
+        objective = BradleyTerry(opts["center_rewards_coefficient"], opts["margin"])
+    else:
+        objective = SFT() if verb == "sft" else DPO(opts["beta"], opts["label_smoothing"], opts["loss"])
     return batches, eval_batches, objective

@@ -1,7 +1,7 @@
 """Every training setting, once: its type, default, check, help and the verbs that take it.
 
 SETTINGS below is the one table. From it come
-    the flags of `lmfoundry pretrain | sft | dpo`       add_arguments(parser, verb)
+    the flags of `lmfoundry pretrain | sft | dpo | reward | online-dpo | grpo`    add_arguments(parser, verb)
     the keys of a `--config` YAML file                  the same names (dashes or underscores)
     TrainConfig, the validated settings of train()     the rows marked train=True, their defaults
 and every value, wherever it came from, passes the same parse(): an error names the setting as
@@ -24,9 +24,13 @@ from ..lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
 from ..lora import TARGETS as LORA_TARGETS
 from .metrics import TRACKERS
 from .objectives import DPO_LOSSES
+from .online import LOSS_TYPES, SCALE_REWARDS
+from .rollout import VERIFIERS
 from .schedule import SCHEDULES
 
-VERBS = ("pretrain", "sft", "dpo")
+ONLINE = ("online-dpo", "grpo")                       # the policy samples its own training data
+OFFLINE = ("pretrain", "sft", "dpo", "reward")        # training data read from --data
+VERBS = OFFLINE + ONLINE
 
 
 # ---------------------------------------------------------------- checks: value -> problem or None
@@ -130,28 +134,32 @@ SETTINGS: dict[str, Setting] = {
     # model and data
     "model": S(str, None, "a checkpoint directory (any supported format, e.g. a freshly upscaled one) or a preset"),
     "data": S(list, None, "training files: text/.jsonl/.parquet corpora (pretrain), chat .jsonl (sft), "
-              "preference .jsonl (dpo)"),
+              "preference .jsonl (dpo, reward)", OFFLINE),
+    "prompts": S(list, None, "prompt files (.jsonl/.json/.parquet): records with a prompt (a string or messages) and "
+                 "what the scorer needs (the verifier: an answer)", ONLINE),
     "out": S(str, None, "output directory: the final checkpoint, metrics.jsonl, checkpoints/"),
     "tokenizer": S(str, None, "tokenizer directory (needed with a preset; default: the model's)"),
-    "eval_data": S(list, None, "held-out files, same kind as --data"),
+    "eval_data": S(list, None, "held-out files, same kind as --data", OFFLINE),
     "text_field": S(str, "text", "the text field of .jsonl/.parquet corpora", ("pretrain",)),
     "tokenized": S(str, None, "where the tokenized corpus is kept (default: a cache under $LMFOUNDRY_CACHE or "
                    "~/.cache/lmfoundry)", ("pretrain",)),
     "stages": S(None, None, "(YAML only) [{tokens: N, mixture: {source: weight}}] data stages", ("pretrain",)),
-    "epochs": S(int, None, "passes over the data; without --steps, train exactly this many epochs", ("sft", "dpo"),
-                POSITIVE),
-    "batch_size": S(int, 8, "rows per micro-batch on each process", check=POSITIVE),
-    "seq_len": S(int, 512, "tokens per row", check=POSITIVE, per_verb={"sft": 1024, "dpo": 1024}),
+    "epochs": S(int, None, "passes over the data; without --steps, train exactly this many epochs",
+                ("sft", "dpo", "reward"), POSITIVE),
+    "batch_size": S(int, 8, "rows per micro-batch on each process (online-dpo, grpo: prompts)", check=POSITIVE,
+                    per_verb={"grpo": 4}),
+    "seq_len": S(int, 512, "tokens per row", OFFLINE, POSITIVE, per_verb={"sft": 1024, "dpo": 1024, "reward": 1024}),
     "format": S(str, None, "output checkpoint format (default: the model's)"),
     # optimisation
     "steps": S(int, 100, "optimizer steps", check=POSITIVE, train=True),
-    "lr": S(float, 3e-4, "peak learning rate", check=above(0), train=True, per_verb={"sft": 2e-5, "dpo": 5e-7}),
+    "lr": S(float, 3e-4, "peak learning rate", check=above(0), train=True,
+            per_verb={"sft": 2e-5, "dpo": 5e-7, "reward": 1e-4, "online-dpo": 5e-7, "grpo": 1e-6}),
     "warmup": S(int, 0, "linear warmup steps", check=NONNEG, train=True),
     "schedule": S(str, "cosine", "cosine, wsd, wsd-sqrt or constant", check=one_of(*SCHEDULES), train=True),
     "min_lr_ratio": S(float, 0.1, "final lr as a fraction of the peak", check=within(0, 1), train=True),
     "decay_frac": S(float, 0.2, "WSD: share of the steps spent decaying", check=within(0, 1), train=True),
     "weight_decay": S(float, 0.1, "AdamW weight decay (matrices only)", check=NONNEG, train=True,
-                      per_verb={"sft": 0.0, "dpo": 0.0}),
+                      per_verb={"sft": 0.0, "dpo": 0.0, "reward": 0.0, "online-dpo": 0.0, "grpo": 0.0}),
     "betas": S(floats_pair, (0.9, 0.95), "AdamW betas, as b1,b2",
                check=lambda v: None if all(0 <= b < 1 for b in v) else "must each be in [0, 1)", train=True),
     "eps": S(float, 1e-8, "AdamW epsilon", check=above(0), train=True),
@@ -159,9 +167,11 @@ SETTINGS: dict[str, Setting] = {
     "clip": S(float, 1.0, "max gradient norm (0: off)", check=NONNEG, train=True),
     "seed": S(int, 0, "seed for initialisation and data order", check=NONNEG, train=True),
     # DPO
-    "beta": S(float, 0.1, "DPO beta", ("dpo",), above(0)),
-    "label_smoothing": S(float, 0.0, "conservative-DPO label smoothing eps", ("dpo",), within(0, 0.5, True)),
-    "loss": S(str, "sigmoid", "sigmoid (DPO) or ipo", ("dpo",), one_of(*DPO_LOSSES)),
+    "beta": S(float, 0.1, "DPO beta (dpo, online-dpo: > 0); grpo: the KL coefficient (0: no reference model)",
+              ("dpo", "online-dpo", "grpo"), NONNEG, per_verb={"grpo": 0.0}),
+    "label_smoothing": S(float, 0.0, "conservative-DPO label smoothing eps", ("dpo", "online-dpo"),
+                         within(0, 0.5, True)),
+    "loss": S(str, "sigmoid", "sigmoid (DPO) or ipo", ("dpo", "online-dpo"), one_of(*DPO_LOSSES)),
     # LoRA / QLoRA (lmfoundry.lora): only the adapters are trained; OUT is a PEFT adapter directory
     "lora_rank": S(int, None, "train rank-R LoRA adapters instead of every weight (OUT: a PEFT adapter)",
                    check=POSITIVE),
@@ -173,10 +183,42 @@ SETTINGS: dict[str, Setting] = {
     "rslora": S(bool, False, "rank-stabilised LoRA: scale by alpha/sqrt(rank)"),
     "dora": S(bool, False, "DoRA: weight-decomposed LoRA (a trained magnitude per output row)"),
     "qlora": S(bool, False, "QLoRA: the base's projections held in 4-bit NF4 (torchao), dequantized per layer"),
+    # reward models (TRL RewardTrainer)
+    "center_rewards_coefficient": S(float, 0.0, "reward centering: + c * (r_chosen + r_rejected)^2 per pair "
+                                    "(Eisenstein et al.; TRL suggests 0.01)", ("reward",), NONNEG),
+    "margin": S(float, 0.0, "margin in -log sigmoid(r_chosen - r_rejected - margin) for pairs whose record has no "
+                "'margin' field", ("reward",)),
+    # online: sampling and scoring
+    "prompt_field": S(str, "prompt", "the prompt field of the prompt records", ONLINE),
+    "num_generations": S(int, 2, "samples of each prompt (online-dpo: k, best vs worst; grpo: the group size G)",
+                         ONLINE, at_least(2), per_verb={"grpo": 8}),
+    "max_new_tokens": S(int, 64, "tokens sampled per completion at most", ONLINE, POSITIVE, per_verb={"grpo": 256}),
+    "temperature": S(float, 0.9, "sampling temperature", ONLINE, above(0), per_verb={"grpo": 1.0}),
+    "top_p": S(float, 1.0, "nucleus sampling (1: off)", ONLINE, lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+    "top_k": S(int, 0, "top-k sampling (0: off)", ONLINE, NONNEG),
+    "reward": S(str, None, "score samples with this reward model (a *ForSequenceClassification directory; "
+                "texts are re-tokenized with its own tokenizer)", ONLINE),
+    "verifier": S(str, None, f"score samples with a verifier: {', '.join(VERIFIERS)} (math: the completion's "
+                  "first `#### N` against the record's answer, eval's GSM8K parser)", ONLINE, one_of(*VERIFIERS)),
+    "answer_field": S(str, "answer", "the record field the verifier compares with (and the judge's reference)", ONLINE),
+    "judge": S(str, None, "score samples with an OpenAI-compatible judge at this base URL, e.g. "
+               "http://localhost:8000/v1 (API key: $OPENAI_API_KEY)", ONLINE),
+    "judge_model": S(str, "judge", "the judge's model name", ONLINE),
+    "judge_cache": S(str, None, "judgment cache (default: OUT/judge_cache.jsonl)", ONLINE),
+    # GRPO (TRL GRPOTrainer's names and defaults)
+    "epsilon": S(float, 0.2, "clip the importance ratio to [1 - epsilon, 1 + epsilon_high]", ("grpo",), NONNEG),
+    "epsilon_high": S(float, None, "upper clip (default: epsilon; DAPO uses 0.28)", ("grpo",), NONNEG),
+    "loss_type": S(str, "dapo", f"loss aggregation as TRL: {', '.join(LOSS_TYPES)}", ("grpo",), one_of(*LOSS_TYPES)),
+    "scale_rewards": S(str, "group", "advantages divided by the group's reward std (group) or not (none)",
+                       ("grpo",), one_of(*SCALE_REWARDS)),
+    "num_iterations": S(int, 1, "optimizer steps on each set of samples (mu)", ("grpo",), POSITIVE),
+    "mask_truncated": S(bool, False, "leave completions cut by --max-new-tokens out of the loss (DAPO)", ("grpo",)),
+    "kl_bias_correction": S(bool, True, "weight the KL term by the importance ratio (DeepSeek-V3.2; TRL's default)",
+                            ("grpo",)),
     # bookkeeping and hardware
     "log_every": S(int, 1, "log every N steps", check=POSITIVE, train=True),
-    "eval_every": S(int, 0, "held-out loss every N steps (and at the end)", check=NONNEG, train=True),
-    "eval_batches": S(int, 8, "held-out batches per evaluation", check=POSITIVE, train=True),
+    "eval_every": S(int, 0, "held-out loss every N steps (and at the end)", OFFLINE, NONNEG, train=True),
+    "eval_batches": S(int, 8, "held-out batches per evaluation", OFFLINE, POSITIVE, train=True),
     "save_every": S(int, 0, "checkpoint every N steps (always at the end)", check=NONNEG, train=True),
     "keep_checkpoints": S(int, 3, "newest checkpoints kept (0: all)", check=NONNEG, train=True),
     "device": S(str, "auto", "auto, cpu, cuda, cuda:1 ...", train=True),
@@ -291,12 +333,12 @@ def resolve(verb: str, flags: dict, config_file: str | None = None) -> dict:
     out = {k: s.default_for(verb) for k, s in known.items()}
     out.update(given)
     out["_given"] = sorted(given)
-    for key in ("model", "data", "out"):
+    for key in ("model", "prompts" if verb in ONLINE else "data", "out"):
         if not out.get(key):
             raise TrainError(f"{verb}: {flag(key)} is required (on the command line or in --config)")
     return out
 
 
 def train_config(opts: dict, **override) -> TrainConfig:
-    """The TrainConfig of resolved settings (values already parsed)."""
-    return TrainConfig(**{**{k: opts[k] for k in TRAIN_SETTINGS}, **override})
+    """The TrainConfig of resolved settings (values already parsed; rows a verb lacks keep their defaults)."""
+    return TrainConfig(**{**{k: opts[k] for k in TRAIN_SETTINGS if k in opts}, **override})

@@ -229,61 +229,12 @@ def evaluate(lm, tasks, data_dir=None, num_fewshot: int | None = None, limit: in
     results, configs, samples, n_shot, n_samples = {}, {}, {}, {}, {}
     for name, task, subs, info, k in plan:
         t_task = time.time()
-        # build every request of every subtask, then run them in one call (better batches)
-        per_doc = []           # (subtask, doc, shots, requests)
-        flat, groups, gen = [], [], []
-        for sub in subs:
-            for doc, shots in zip(sub.docs, sub.shots):
-                reqs = _doc_requests(task, doc, shots, chat, protocol, max_gen_toks)
-                if task.kind == "generate_until":
-                    gen.append(reqs[0])
-                else:
-                    flat.extend(reqs)
-                    groups.extend([(sub.name, doc.index)] * len(reqs))
-                per_doc.append((sub, doc, shots, reqs))
-        if task.kind == "generate_until":
-            outputs = iter(lm.generate_until(gen, desc=name))
-        else:
-            outputs = iter(_chunks(lm.loglikelihood(flat, groups=groups, desc=name), [len(r) for *_, r in per_doc]))
-        per_sub: dict = {s.name: [] for s in subs}
-        prompt_hash = hashlib.sha256()
-        for (sub, doc, shots, reqs), resp in zip(per_doc, outputs):
-            prompt_hash.update(json.dumps(reqs, ensure_ascii=False).encode("utf-8"))
-            m, extra = _score(task, doc, resp, protocol)
-            per_sub[sub.name].append(m)
-            if log_samples:
-                samples.setdefault(name, []).append({
-                    "task": sub.name, "doc_id": doc.index, "doc": doc.record,
-                    "fewshot_doc_ids": [s.index for s in shots],
-                    "arguments": [list(r) for r in reqs], "resps": resp, "target": doc.gold if task.kind != "generate_until" else doc.target,
-                    **extra, "metrics": m})
-        for sub in subs:
-            results[sub.name] = _aggregate(per_sub[sub.name])
-            results[sub.name]["alias"] = sub.name
-            n_samples[sub.name] = {"original": sub.n_total, "effective": len(sub.docs)}
-            n_shot[sub.name] = k
-        if name == "mmlu":
-            every = [m for s in subs for m in per_sub[s.name]]
-            group = _aggregate(every)
-            macro = [results[s.name]["acc"] for s in subs]
-            group["acc_macro"] = M.mean(macro)
-            group["alias"] = "mmlu"
-            group["subtasks"] = len(subs)
-            results["mmlu"] = group
-            n_samples["mmlu"] = {"original": sum(s.n_total for s in subs), "effective": len(every)}
-            n_shot["mmlu"] = k
-        configs[name] = {
-            "task": name, "output_type": task.kind, "version": task.version, "num_fewshot": k,
-            "fewshot_sampler": task.sampler, "protocol": protocol,
-            "fewshot_seed": LEADERBOARD_SEED if protocol == "leaderboard" else seed,
-            "target_delimiter": "" if chat else " ", "fewshot_delimiter": "\n\n",
-            "metrics": list(task.metrics) if not (protocol == "leaderboard" and task.name == "gsm8k") else ["acc"],
-            "limit": limit, "prompt_sha256": prompt_hash.hexdigest(), **info,
-            "seconds": round(time.time() - t_task, 3)}
-        if task.kind == "generate_until":
-            configs[name]["generation_kwargs"] = {
-                "until": list(GSM8K_UNTIL_LEADERBOARD if protocol == "leaderboard" else task.until),
-                "max_gen_toks": max_gen_toks or task.max_gen_toks, "do_sample": False, "temperature": 0.0}
+        per_sub, prompt_sha, logged = _run_task(lm, name, task, subs, chat, protocol, max_gen_toks, log_samples)
+        if logged:
+            samples[name] = logged
+        _record_task(name, subs, per_sub, k, results, n_samples, n_shot)
+        configs[name] = _task_config(name, task, k, info, protocol, seed, chat, limit, max_gen_toks, prompt_sha)
+        configs[name]["seconds"] = round(time.time() - t_task, 3)
 
     res = {"results": results, "configs": configs, "n-shot": n_shot, "n-samples": n_samples,
            "config": {**_lm_info(lm), "protocol": protocol, "limit": limit, "data_dir": str(data_dir)},
@@ -306,6 +257,71 @@ def evaluate(lm, tasks, data_dir=None, num_fewshot: int | None = None, limit: in
         _merge_yaml(res, run_prepared(lm, prepared, log_samples, chat, bootstrap_iters))
         res["total_evaluation_time_seconds"] = round(time.time() - t0, 3)
     return res
+
+
+def _run_task(lm, name, task, subs, chat, protocol, max_gen_toks, log_samples):
+    """Every request of every subtask in one call (better batches), scored per document:
+    ({subtask: [metrics per document]}, sha256 of the requests, the logged samples)."""
+    per_doc = []           # (subtask, doc, shots, requests)
+    flat, groups, gen = [], [], []
+    for sub in subs:
+        for doc, shots in zip(sub.docs, sub.shots):
+            reqs = _doc_requests(task, doc, shots, chat, protocol, max_gen_toks)
+            if task.kind == "generate_until":
+                gen.append(reqs[0])
+            else:
+                flat.extend(reqs)
+                groups.extend([(sub.name, doc.index)] * len(reqs))
+            per_doc.append((sub, doc, shots, reqs))
+    if task.kind == "generate_until":
+        outputs = iter(lm.generate_until(gen, desc=name))
+    else:
+        outputs = iter(_chunks(lm.loglikelihood(flat, groups=groups, desc=name), [len(r) for *_, r in per_doc]))
+    per_sub: dict = {s.name: [] for s in subs}
+    prompt_hash, logged = hashlib.sha256(), []
+    for (sub, doc, shots, reqs), resp in zip(per_doc, outputs):
+        prompt_hash.update(json.dumps(reqs, ensure_ascii=False).encode("utf-8"))
+        m, extra = _score(task, doc, resp, protocol)
+        per_sub[sub.name].append(m)
+        if log_samples:
+            logged.append({"task": sub.name, "doc_id": doc.index, "doc": doc.record,
+                           "fewshot_doc_ids": [s.index for s in shots], "arguments": [list(r) for r in reqs],
+                           "resps": resp, "target": doc.gold if task.kind != "generate_until" else doc.target,
+                           **extra, "metrics": m})
+    return per_sub, prompt_hash.hexdigest(), logged
+
+
+def _record_task(name, subs, per_sub, k, results, n_samples, n_shot):
+    """Each subtask's aggregate into the results (and MMLU's group: micro and macro accuracy)."""
+    for sub in subs:
+        results[sub.name] = _aggregate(per_sub[sub.name])
+        results[sub.name]["alias"] = sub.name
+        n_samples[sub.name] = {"original": sub.n_total, "effective": len(sub.docs)}
+        n_shot[sub.name] = k
+    if name == "mmlu":
+        every = [m for s in subs for m in per_sub[s.name]]
+        group = _aggregate(every)
+        group["acc_macro"] = M.mean([results[s.name]["acc"] for s in subs])
+        group["alias"], group["subtasks"] = "mmlu", len(subs)
+        results["mmlu"] = group
+        n_samples["mmlu"] = {"original": sum(s.n_total for s in subs), "effective": len(every)}
+        n_shot["mmlu"] = k
+
+
+def _task_config(name, task, k, info, protocol, seed, chat, limit, max_gen_toks, prompt_sha) -> dict:
+    """The task's entry in the results' "configs" (lm-eval's shape, plus our protocol and hashes)."""
+    config = {
+        "task": name, "output_type": task.kind, "version": task.version, "num_fewshot": k,
+        "fewshot_sampler": task.sampler, "protocol": protocol,
+        "fewshot_seed": LEADERBOARD_SEED if protocol == "leaderboard" else seed,
+        "target_delimiter": "" if chat else " ", "fewshot_delimiter": "\n\n",
+        "metrics": list(task.metrics) if not (protocol == "leaderboard" and task.name == "gsm8k") else ["acc"],
+        "limit": limit, "prompt_sha256": prompt_sha, **info}
+    if task.kind == "generate_until":
+        config["generation_kwargs"] = {
+            "until": list(GSM8K_UNTIL_LEADERBOARD if protocol == "leaderboard" else task.until),
+            "max_gen_toks": max_gen_toks or task.max_gen_toks, "do_sample": False, "temperature": 0.0}
+    return config
 
 
 def _merge_yaml(res: dict, yres: dict):

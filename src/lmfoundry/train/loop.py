@@ -52,6 +52,14 @@ class TrainResult:
     stopped_early: str | None = None  # why training ended before cfg.steps (data ran out)
 
 
+def _prepare(objective, trainable, ctx: PrepareContext):
+    """The objective's prepare hook, if it has one, with the trainable's reference policy (LoRA:
+    the base with adapters off) in the context."""
+    if callable(getattr(objective, "prepare", None)):
+        reference = getattr(trainable, "reference", None)
+        objective.prepare(dataclasses.replace(ctx, reference=reference and (lambda: reference(ctx.model))))
+
+
 def train(model, batches, objective, cfg: TrainConfig, out_dir, *, eval_batches=None, resume: bool = False,
           overwrite: bool = False, trainable=None, tokenizer_from=None, format: str | None = None,
           run_info: dict | None = None) -> TrainResult:
@@ -79,12 +87,9 @@ def train(model, batches, objective, cfg: TrainConfig, out_dir, *, eval_batches=
     eval_list = None if eval_batches is None else list(itertools.islice(eval_batches, cfg.eval_batches))
     log = Metrics(run.path, rank, resumed_from, cfg.report_to,
                   {**dataclasses.asdict(cfg), "objective": objective.name, "run": run_info or {}})
-    if callable(getattr(objective, "prepare", None)):
-        reference = getattr(trainable, "reference", None)
-        objective.prepare(PrepareContext(net, model, device, stream.peek, (cfg.steps - step) * cfg.grad_accum,
-                                         eval_list or [], ckpts.root, resumed_from is not None,
-                                         cfg.progress and rank == 0, autocast,
-                                         reference and (lambda: reference(model))))
+    _prepare(objective, trainable, PrepareContext(net, model, device, stream.peek, (cfg.steps - step) * cfg.grad_accum,
+                                                  eval_list or [], ckpts.root, resumed_from is not None,
+                                                  cfg.progress and rank == 0, autocast, None))
 
     bar = tqdm(total=cfg.steps, initial=step, desc=objective.name, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))

@@ -361,8 +361,8 @@ def build_parser():
     from .peft_cli import add_parser as add_peft_verbs
     from .train.cli import add_parser as add_alignment_verbs
     for add in (_add_generation_verbs, _add_checkpoint_verbs, _add_tokenizer_verbs, _add_training_verbs,
-                _add_eval_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs, add_export_verbs,
-                add_peft_verbs, add_alignment_verbs):
+                _add_eval_verbs, _add_judge_verbs, _add_serving_verbs, _add_run_verbs, add_data_verbs,
+                add_export_verbs, add_peft_verbs, add_alignment_verbs):
         add(sub)
     return p
 
@@ -505,6 +505,8 @@ def _add_eval_verbs(sub):
     cmp_.add_argument("files", nargs="+", help="results.json of `lmfoundry eval` / lm-eval, or judge summary.json")
     cmp_.set_defaults(fn=cmd_eval_compare)
 
+
+def _add_judge_verbs(sub):
     jd = sub.add_parser("judge", help="MT-Bench / KoMT-Bench / LogicKor / Arena-Hard / AlpacaEval 2 / WildBench "
                         "graded by an OpenAI-compatible judge")
     _model_arg(jd)

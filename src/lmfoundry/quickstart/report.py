@@ -6,6 +6,8 @@ within two standard errors of the sample-size noise of an accuracy).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 import platform
@@ -37,13 +39,20 @@ def compare(a: float, se_a: float, b: float, se_b: float) -> str:
 
 
 def claims(stages: dict, plan) -> list[dict]:
-    """The SOLAR paper's claims, checked against this run: [{claim, measured, verdict}]."""
+    """The SOLAR paper's claims (and EXAONE's online one), checked against this run:
+    [{claim, measured, verdict}]."""
     ev = {k.split(":", 1)[1]: v for k, v in stages.items() if k.startswith("eval:")}
-    out = []
+    return _upscaling_claims(stages, ev) + _tuning_claims(stages, ev) + _online_claims(stages, ev)
 
-    def acc(name, key, n_key):
-        return ev[name][key], se(ev[name][key], ev[name][n_key])
 
+def _acc(ev: dict, name: str, key: str, n_key: str) -> tuple[float, float]:
+    """A stage's accuracy and its standard error."""
+    return ev[name][key], se(ev[name][key], ev[name][n_key])
+
+
+def _upscaling_claims(stages: dict, ev: dict) -> list[dict]:
+    """Claims 1-2: depth up-scaling and its equal-compute control."""
+    acc, out = functools.partial(_acc, ev), []
     # 1. DUS starts worse than the base and recovers quickly
     base, up = ev["base"]["heldout_loss"], ev["upscaled"]["heldout_loss"]
     curve = [(r["step"], r["eval_loss"]) for r in stages["continue"]["metrics"] if "eval_loss" in r]
@@ -77,7 +86,12 @@ def claims(stages: dict, plan) -> list[dict]:
                             f"multiple choice {ev['continued']['mc_acc']:.2f} vs {ev['control']['mc_acc']:.2f} "
                             f"({'within noise' if mc == 'noise' else 'higher' if mc == 'up' else 'lower'})",
                 "verdict": "reproduced" if cont < ctrl else "not reproduced: the control reached a lower loss"})
+    return out
 
+
+def _tuning_claims(stages: dict, ev: dict) -> list[dict]:
+    """Claims 3-5: SFT, DPO and the merge."""
+    acc, out = functools.partial(_acc, ev), []
     # 3. SFT raises math exact match
     c = acc("continued", "math_em", "math_n")
     parts, verdicts = [], []
@@ -112,7 +126,12 @@ def claims(stages: dict, plan) -> list[dict]:
                 "verdict": "reproduced" if mg[0] >= weak[0] else
                            "inconclusive: slightly below the weaker variant, within noise" if cmp == "noise" else
                            "not reproduced: the merge is worse than both variants"})
+    return out
 
+
+def _online_claims(stages: dict, ev: dict) -> list[dict]:
+    """Claim 6: online DPO after offline DPO (EXAONE)."""
+    acc, out = functools.partial(_acc, ev), []
     # 6. EXAONE: online preference optimisation after offline DPO raises math exact match further
     d, o = acc("dpo", "math_em", "math_n"), acc("online", "math_em", "math_n")
     rows = stages["online"]["metrics"]

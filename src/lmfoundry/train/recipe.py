@@ -127,7 +127,7 @@ def run(verb: str, opts: dict):
         if "seq_len" in opts and D.rank_and_world()[0] == 0 and opts["progress"]:
             print(memory_plan(verb, opts, model.config, lora).describe(), flush=True)
         if verb in ONLINE:
-            batches, eval_batches, objective = _online(verb, opts, tokenizer, model)
+            batches, eval_batches, objective = _online(verb, opts, tokenizer, model, lora)
         else:
             batches, eval_batches, objective = _data_and_objective(verb, opts, tokenizer, tokenizer_dir)
         steps = opts["steps"]
@@ -225,9 +225,10 @@ def _scorer(opts: dict):
                        reference_field=opts["answer_field"])
 
 
-def _online(verb: str, opts: dict, tokenizer, model):
-    """(prompt batches, None, objective) of online-dpo / grpo; the reference (the initial policy,
-    for online DPO and for GRPO with beta > 0) is built from --model again, so a resume has it."""
+def _online(verb: str, opts: dict, tokenizer, model, lora):
+    """(prompt batches, None, objective) of online-dpo / grpo. The reference (the initial policy,
+    for online DPO and for GRPO with beta > 0) is built from --model again, so a resume has it;
+    with LoRA it is the policy with its adapters off (the trainable's), no second model."""
     from ..generate import SamplingParams
     from .online import GRPO, OnlineDPO
     from .rollout import PromptBatches
@@ -244,7 +245,8 @@ def _online(verb: str, opts: dict, tokenizer, model):
                             field=opts["prompt_field"], required=scorer.required, why=getattr(scorer, "why", ""),
                             repeat=opts["num_iterations"] if grpo else 1, group=opts["grad_accum"], rank=rank,
                             world_size=world, max_prompt_tokens=room)
-    reference = build_model(opts["model"], tokenizer, opts["seed"]) if not grpo or opts["beta"] > 0 else None
+    wanted = lora is None and (not grpo or opts["beta"] > 0)
+    reference = build_model(opts["model"], tokenizer, opts["seed"]) if wanted else None
     common = dict(tokenizer=tokenizer, num_generations=opts["num_generations"], beta=opts["beta"],
                   reference=reference, seed=opts["seed"])
     if grpo:

@@ -84,26 +84,42 @@ def cli(*argv):
 
 
 def online_cli(verb, demo_dir, prompts, out, steps, *extra):
-    scorer = ["--verifier", "math"] + (["--beta", "0.04"] if verb == "grpo" else [])
+    beta = ["--beta", "0.04"] if verb == "grpo" else []
     return cli(verb, "--model", demo_dir, "--prompts", prompts, "--out", out, "--steps", steps, "--no-progress",
                "--lora-rank", 4, "--max-new-tokens", 8, "--batch-size", 2, "--num-generations", 4, "--lr", "1e-2",
-               "--warmup", 0, "--schedule", "constant", "--save-every", 1, *scorer, *extra)
+               "--warmup", 0, "--schedule", "constant", "--save-every", 1, *beta, *extra)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("verb", ["online-dpo", "grpo"])
-def test_online_lora_cli_writes_a_peft_adapter_builds_one_model_and_resumes_exactly(tmp_path, demo_dir, verb,
-                                                                                    monkeypatch):
+@pytest.fixture(scope="module")
+def rm_adapter(tmp_path_factory, demo_dir):
+    """A LoRA reward model (4 steps on the synthetic preference set), as a PEFT SEQ_CLS adapter directory."""
+    from test_reward import preference_records, write_jsonl
+    tmp = tmp_path_factory.mktemp("rm")
+    data = write_jsonl(tmp / "pairs.jsonl", preference_records(32, 0))
+    assert reward_cli(demo_dir, data, tmp / "rm", 4) == 0
+    return tmp / "rm"
+
+
+def reward_cli(demo_dir, data, out, steps, *extra):
+    return cli("reward", "--model", demo_dir, "--data", data, "--out", out, "--steps", steps, "--batch-size", 8,
+               "--seq-len", 128, "--lr", "1e-3", "--no-progress", "--lora-rank", 4, "--save-every", 1,
+               "--schedule", "constant", "--warmup", 0, *extra)
+
+
+@pytest.mark.parametrize("verb, scorer", [("online-dpo", "math"), ("grpo", "rm")])
+def test_online_lora_cli_writes_a_peft_adapter_builds_one_model_and_resumes_exactly(tmp_path, demo_dir, verb, scorer,
+                                                                                    rm_adapter, monkeypatch):
     import transformers
+    scorer = ["--verifier", "math"] if scorer == "math" else ["--reward", rm_adapter]   # an RM adapter directory
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in number_prompts()))
     built = []
     real_init = Transformer.__init__
     monkeypatch.setattr(Transformer, "__init__", lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
-    assert online_cli(verb, demo_dir, prompts, tmp_path / "full", 3) == 0
-    assert len(built) == 1                                     # the policy only: the reference is its base
-    assert online_cli(verb, demo_dir, prompts, tmp_path / "cut", 2) == 0
-    assert online_cli(verb, demo_dir, prompts, tmp_path / "cut", 3, "--resume") == 0
+    assert online_cli(verb, demo_dir, prompts, tmp_path / "full", 3, *scorer) == 0
+    assert len(built) == 1 + (scorer[0] == "--reward")         # the policy (and the RM): the reference is its base
+    assert online_cli(verb, demo_dir, prompts, tmp_path / "cut", 2, *scorer) == 0
+    assert online_cli(verb, demo_dir, prompts, tmp_path / "cut", 3, "--resume", *scorer) == 0
     rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("full", "cut")]
     assert [r["step"] for r in rows[1]] == [1, 2, 3]
@@ -120,3 +136,73 @@ def test_online_lora_cli_writes_a_peft_adapter_builds_one_model_and_resumes_exac
     tokens = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max() <= 1e-5
+        if scorer[0] == "--reward":                            # continuous rewards: the adapters moved
+            assert (ours(tokens) - load_model(demo_dir)(tokens)).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------- LoRA reward models
+
+def test_a_lora_reward_model_is_a_peft_seq_cls_adapter_scoring_as_transformers_and_resumes_exactly(
+        tmp_path, demo_dir, rm_adapter, capsys):
+    import transformers
+    from test_reward import preference_records, write_jsonl
+
+    from lmfoundry.train.reward import load_reward_model
+    conf = json.loads((rm_adapter / "adapter_config.json").read_text())
+    assert conf["task_type"] == "SEQ_CLS" and conf["modules_to_save"] == ["score"]
+    tensors = load_file(str(rm_adapter / "adapter_model.safetensors"))
+    assert tensors["base_model.model.score.weight"].shape == (1, 64)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(demo_dir, num_labels=1).float()
+    hf = peft.PeftModel.from_pretrained(hf, rm_adapter).eval()
+    ours = load_reward_model(rm_adapter)
+    pad = ours.pad_id
+    ids = torch.randint(0, 128, (3, 14))
+    ids[ids == pad] = pad + 1
+    ids[1, 9:] = pad                                            # right padding: the last real token is read
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits[:, 0] - ours(ids)).abs().max() <= 1e-4
+        assert ours(ids).std() > 0
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(32, 0))
+    assert reward_cli(demo_dir, data, tmp_path / "cut", 2) == 0
+    assert reward_cli(demo_dir, data, tmp_path / "cut", 4, "--resume") == 0
+    rows = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (rm_adapter, tmp_path / "cut")]
+    assert rows[1] == pytest.approx(rows[0], abs=1e-6)
+    cut = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert set(cut) == set(tensors) and all(torch.allclose(cut[k], tensors[k], atol=1e-6) for k in cut)
+
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", preference_records(8, 1))
+    capsys.readouterr()
+    assert cli("reward", "score", rm_adapter, "--data", heldout) == 0
+    assert "8 pairs: accuracy" in capsys.readouterr().out
+
+
+def test_qlora_and_dora_reward_models_train_and_score(tmp_path, demo_dir, capsys):
+    from test_reward import preference_records, write_jsonl
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8, 0))
+    for name, flags in (("q", ["--qlora"]), ("d", ["--dora", "--lora-targets", "q,v"])):
+        assert reward_cli(demo_dir, data, tmp_path / name, 2, *flags) == 0
+        capsys.readouterr()
+        assert cli("reward", "score", tmp_path / name, "--data", data) == 0
+        assert "8 pairs: accuracy" in capsys.readouterr().out
+
+
+def test_what_cannot_work_with_a_lora_reward_model_is_one_clear_line(tmp_path, demo_dir, rm_adapter, capsys):
+    from test_reward import preference_records, write_jsonl
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(8, 0))
+    capsys.readouterr()
+    assert reward_cli(demo_dir, data, tmp_path / "a", 1, "--lora-targets", "q,lm_head") == 1
+    assert capsys.readouterr().err == ("lmfoundry: error: --lora-targets lm_head: a reward model has no LM head "
+                                       "(its score head is trained in full)\n")
+    assert cli("generate", demo_dir, "hi", "--adapter", rm_adapter) == 1          # a causal LM cannot use its head
+    err = capsys.readouterr().err
+    assert "base_model.model.score.weight is a whole module saved beside the adapter" in err and err.count("\n") == 1
+    conf = json.loads((rm_adapter / "adapter_config.json").read_text())
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "adapter_model.safetensors").write_bytes((rm_adapter / "adapter_model.safetensors").read_bytes())
+    (moved / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "/nowhere"}))
+    assert cli("reward", "score", moved, "--data", data) == 1
+    assert "base_model_name_or_path '/nowhere' is not a checkpoint directory here" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -184,27 +184,30 @@ def _model_and_trainable(verb: str, opts: dict, tokenizer, fmt, lora, model_dir)
     score head on a causal LM."""
     if verb in ("dpo", "online-dpo") and not opts["beta"] > 0:
         raise TrainError(f"{flag('beta')} must be > 0 for {verb}, got {opts['beta']}")
+    base = str(Path(model_dir).resolve()) if model_dir else opts["model"]
     if verb != "reward":
-        if lora is None:
-            return build_model(opts["model"], tokenizer, opts["seed"]), None
         from .trainable import LoRA
         model = build_model(opts["model"], tokenizer, opts["seed"], lora, *_base_placement(opts))
-        return model, LoRA(base_model=str(Path(model_dir).resolve()) if model_dir else opts["model"])
-    if lora is not None:
-        raise TrainError("--lora-rank: reward models are trained in full for now (drop --lora-rank)")
+        return model, None if lora is None else LoRA(base_model=base)
     import torch
 
     from ..checkpoint import read_config
-    from .reward import RewardModel, RewardModelWeights, load_reward_model, seq_cls_format
+    from ..lora import apply_lora
+    from .reward import RewardModel, RewardModelAdapters, RewardModelWeights, load_reward_model, seq_cls_format
+    if lora is not None and "lm_head" in lora.targets:
+        raise TrainError("--lora-targets lm_head: a reward model has no LM head (its score head is trained in full)")
     spec = opts["model"]
     if Path(spec).is_dir() and read_config(spec)[1].head == "score":
         model = load_reward_model(spec)
+        torch.manual_seed(opts["seed"])
+        if lora is not None:
+            apply_lora(model.body, lora)
     else:
-        body = build_model(spec, tokenizer, opts["seed"])
+        body = build_model(spec, tokenizer, opts["seed"], lora, *_base_placement(opts))
         torch.manual_seed(opts["seed"])
         model = RewardModel(body)
     seq_cls_format(model.config, fmt)           # refuse a family without a sequence classifier now
-    return model, RewardModelWeights()
+    return model, RewardModelWeights() if lora is None else RewardModelAdapters(base_model=base)
 
 
 def _scorer(opts: dict):

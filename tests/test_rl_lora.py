@@ -206,3 +206,36 @@ def test_what_cannot_work_with_a_lora_reward_model_is_one_clear_line(tmp_path, d
     assert cli("reward", "score", moved, "--data", data) == 1
     assert "base_model_name_or_path '/nowhere' is not a checkpoint directory here" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def lora_worker(rank, world, port, out, demo_dir, fsdp):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tok = load_tokenizer(demo_dir)
+        objective = GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, beta=0.04)
+        batches = PromptBatches(number_prompts(), tok, 2, rank=rank, world_size=world)
+        cfg = TrainConfig(steps=2, lr=1e-2, warmup=0, weight_decay=0.0, progress=False, fsdp=fsdp)
+        result = train(lora_policy(demo_dir, tok), batches, objective, cfg, f"{out}/run", trainable=LoRA())
+        if rank == 0:
+            with open(f"{out}/losses.json", "w") as f:
+                json.dump(result.losses, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_train_a_lora_policy_like_one(tmp_path, demo_dir, fsdp):
+    import torch.multiprocessing as mp
+    from test_train_distributed import free_port
+    tok = load_tokenizer(demo_dir)
+    objective = GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, beta=0.04)
+    cfg = TrainConfig(steps=2, lr=1e-2, warmup=0, weight_decay=0.0, progress=False)
+    single = train(lora_policy(demo_dir, tok), PromptBatches(number_prompts(), tok, 4), objective, cfg,
+                   tmp_path / "single", trainable=LoRA())
+    mp.spawn(lora_worker, args=(2, free_port(), str(tmp_path), demo_dir, fsdp), nprocs=2, join=True)
+    two = json.loads((tmp_path / "losses.json").read_text())
+    assert two[0] == pytest.approx(single.losses[0], abs=1e-6)   # the same samples, rewards and reference

@@ -63,16 +63,23 @@ SCALE_REWARDS = ("group", "none")
 
 
 def plain_copy(model, into=None):
-    """A plain (unsharded, frozen) Transformer holding `model`'s current weights; collective under
-    FSDP (every rank calls it). `into`: a copy made earlier to refill."""
+    """A plain (unsharded, frozen) Transformer holding `model`'s current weights (and its LoRA
+    adapters, on a dense base); collective under FSDP (every rank calls it). `into`: a copy made
+    earlier to refill."""
+    from dataclasses import replace
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from ..lora import apply_lora, dense
     from ..model import Transformer, rope_inv_freq
     weights = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if _sharded(model)
                else model.state_dict())                  # full tensors on every rank
+    weights = {name: dense(t) for name, t in weights.items()}
     if into is None:
         with torch.device("meta"):
             into = Transformer(model.config)
+        if getattr(model, "lora_config", None) is not None:
+            apply_lora(into, replace(model.lora_config, qlora=False), model.lora_format)
         into = into.to_empty(device=model.device).requires_grad_(False).eval()
         into.inv_freq = rope_inv_freq(model.config).to(model.device)
     into.load_state_dict(weights)

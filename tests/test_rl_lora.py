@@ -26,9 +26,10 @@ from lmfoundry.train.trainable import LoRA
 PARAMS = SamplingParams(max_new_tokens=8, temperature=1.0)
 
 
-def lora_policy(demo_dir, tok, qlora=False, seed=1):
-    """The demo model with rank-4 adapters holding random (non-trivial) values."""
-    model = build_model(str(demo_dir), tok, 0, LoraConfig(rank=4, qlora=qlora))
+def lora_policy(demo_dir, tok, qlora=False, seed=1, spec=None):
+    """The demo model (or a preset with the demo tokenizer) with rank-4 adapters holding random
+    (non-trivial) values."""
+    model = build_model(spec or str(demo_dir), tok, 0, LoraConfig(rank=4, qlora=qlora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter_parameters(model).values():
@@ -208,7 +209,17 @@ def test_what_cannot_work_with_a_lora_reward_model_is_one_clear_line(tmp_path, d
     assert not (tmp_path / "a").exists()
 
 
-def lora_worker(rank, world, port, out, demo_dir, fsdp):
+def qlora_base(tmp_path, demo_dir):
+    """A random Llama whose NF4 weights FSDP2 can split in two (the demo model's are too small), with
+    the demo tokenizer."""
+    from lmfoundry.checkpoint import write_checkpoint
+    cfg = load_model(demo_dir).config.replace(dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512)
+    torch.manual_seed(0)
+    write_checkpoint(tmp_path / "qbase", cfg, Transformer(cfg).state_dict(), tokenizer_from=demo_dir)
+    return str(tmp_path / "qbase")
+
+
+def lora_worker(rank, world, port, out, demo_dir, fsdp, spec):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -218,7 +229,8 @@ def lora_worker(rank, world, port, out, demo_dir, fsdp):
         objective = GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, beta=0.04)
         batches = PromptBatches(number_prompts(), tok, 2, rank=rank, world_size=world)
         cfg = TrainConfig(steps=2, lr=1e-2, warmup=0, weight_decay=0.0, progress=False, fsdp=fsdp)
-        result = train(lora_policy(demo_dir, tok), batches, objective, cfg, f"{out}/run", trainable=LoRA())
+        policy = lora_policy(demo_dir, tok, spec is not None, spec=spec)
+        result = train(policy, batches, objective, cfg, f"{out}/run", trainable=LoRA())
         if rank == 0:
             with open(f"{out}/losses.json", "w") as f:
                 json.dump(result.losses, f)
@@ -227,15 +239,16 @@ def lora_worker(rank, world, port, out, demo_dir, fsdp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_train_a_lora_policy_like_one(tmp_path, demo_dir, fsdp):
+@pytest.mark.parametrize("fsdp, qlora", [(False, False), (True, False), (True, True)], ids=["ddp", "fsdp2", "fsdp2-qlora"])
+def test_two_processes_train_a_lora_policy_like_one(tmp_path, demo_dir, fsdp, qlora):
     import torch.multiprocessing as mp
     from test_train_distributed import free_port
     tok = load_tokenizer(demo_dir)
     objective = GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, beta=0.04)
     cfg = TrainConfig(steps=2, lr=1e-2, warmup=0, weight_decay=0.0, progress=False)
-    single = train(lora_policy(demo_dir, tok), PromptBatches(number_prompts(), tok, 4), objective, cfg,
+    spec = qlora_base(tmp_path, demo_dir) if qlora else None
+    single = train(lora_policy(demo_dir, tok, qlora, spec=spec), PromptBatches(number_prompts(), tok, 4), objective, cfg,
                    tmp_path / "single", trainable=LoRA())
-    mp.spawn(lora_worker, args=(2, free_port(), str(tmp_path), demo_dir, fsdp), nprocs=2, join=True)
+    mp.spawn(lora_worker, args=(2, free_port(), str(tmp_path), demo_dir, fsdp, spec), nprocs=2, join=True)
     two = json.loads((tmp_path / "losses.json").read_text())
     assert two[0] == pytest.approx(single.losses[0], abs=1e-6)   # the same samples, rewards and reference

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import has_digit, number_prompts
+from conftest import gloo_process, has_digit, number_prompts
 from safetensors.torch import load_file
 
 from lmfoundry.checkpoint import load_model
@@ -220,26 +220,18 @@ def qlora_base(tmp_path, demo_dir):
 
 
 def lora_worker(rank, world, port, out, demo_dir, fsdp, spec):
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_process(rank, world, port, out) as save_losses:
         tok = load_tokenizer(demo_dir)
         objective = GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, beta=0.04)
         batches = PromptBatches(number_prompts(), tok, 2, rank=rank, world_size=world)
         cfg = TrainConfig(steps=2, lr=1e-2, warmup=0, weight_decay=0.0, progress=False, fsdp=fsdp)
         policy = lora_policy(demo_dir, tok, spec is not None, spec=spec)
-        result = train(policy, batches, objective, cfg, f"{out}/run", trainable=LoRA())
-        if rank == 0:
-            with open(f"{out}/losses.json", "w") as f:
-                json.dump(result.losses, f)
-    finally:
-        torch.distributed.destroy_process_group()
+        save_losses(train(policy, batches, objective, cfg, f"{out}/run", trainable=LoRA()).losses)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp, qlora", [(False, False), (True, False), (True, True)], ids=["ddp", "fsdp2", "fsdp2-qlora"])
+@pytest.mark.parametrize("fsdp, qlora", [(False, False), (True, False), (True, True)],
+                         ids=["ddp", "fsdp2", "fsdp2-qlora"])
 def test_two_processes_train_a_lora_policy_like_one(tmp_path, demo_dir, fsdp, qlora):
     import torch.multiprocessing as mp
     from test_train_distributed import free_port
@@ -247,8 +239,8 @@ def test_two_processes_train_a_lora_policy_like_one(tmp_path, demo_dir, fsdp, ql
     objective = GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, beta=0.04)
     cfg = TrainConfig(steps=2, lr=1e-2, warmup=0, weight_decay=0.0, progress=False)
     spec = qlora_base(tmp_path, demo_dir) if qlora else None
-    single = train(lora_policy(demo_dir, tok, qlora, spec=spec), PromptBatches(number_prompts(), tok, 4), objective, cfg,
-                   tmp_path / "single", trainable=LoRA())
+    single = train(lora_policy(demo_dir, tok, qlora, spec=spec), PromptBatches(number_prompts(), tok, 4), objective,
+                   cfg, tmp_path / "single", trainable=LoRA())
     mp.spawn(lora_worker, args=(2, free_port(), str(tmp_path), demo_dir, fsdp, spec), nprocs=2, join=True)
     two = json.loads((tmp_path / "losses.json").read_text())
     assert two[0] == pytest.approx(single.losses[0], abs=1e-6)   # the same samples, rewards and reference

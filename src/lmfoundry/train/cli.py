@@ -30,7 +30,8 @@ def cmd_score(args):
     from ..tokenizer import load_tokenizer
     from .reward import format_scores, load_reward_model, score_pairs, tokenizer_dir
     rm = load_reward_model(args.rm, device=args.device)
-    res = score_pairs(rm, load_tokenizer(args.tokenizer or tokenizer_dir(args.rm)), args.data, batch_size=args.batch_size,
+    tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(args.rm))
+    res = score_pairs(rm, tokenizer, args.data, batch_size=args.batch_size,
                       seq_len=args.seq_len or rm.config.max_seq_len)
     print(format_scores(res))
     if args.out:

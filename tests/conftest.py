@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random checkpoints made by transformers' own save_pretrained."""
+import contextlib
 import os
 
 import pytest
@@ -77,3 +78,22 @@ class CrashAfter:
         if self.seen > self.calls:
             raise RuntimeError("simulated crash")
         return self.objective(model, batch)
+
+
+@contextlib.contextmanager
+def gloo_process(rank: int, world: int, port: int, out=None):
+    """One process of a CPU process group (torch.multiprocessing.spawn workers); yields a function
+    that rank 0 uses to write a run's losses to OUT/losses.json."""
+    import json
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+    def save_losses(losses):
+        if rank == 0:
+            with open(f"{out}/losses.json", "w") as f:
+                json.dump(losses, f)
+    try:
+        yield save_losses
+    finally:
+        torch.distributed.destroy_process_group()

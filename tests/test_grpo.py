@@ -4,12 +4,11 @@ per-step loss under gradient accumulation; zero advantages (no update) for a gro
 rewards; learning a verifiable task; several optimizer steps per rollout, resumed mid-cycle;
 two processes (DDP, FSDP2) sampling as they train."""
 import json
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import CrashAfter, has_digit, number_prompts
+from conftest import CrashAfter, gloo_process, has_digit, number_prompts
 
 from lmfoundry.checkpoint import load_model
 from lmfoundry.errors import TrainError
@@ -185,20 +184,12 @@ def test_grpo_settings_are_checked(demo_dir):
 # ---------------------------------------------------------------- two processes
 
 def worker(rank, world, port, out, demo_dir, fsdp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_process(rank, world, port, out) as save_losses:
         tok = load_tokenizer(demo_dir)
         objective = GRPO(Verifier(has_digit), PARAMS, num_generations=4, tokenizer=tok, beta=0.04)
         batches = PromptBatches(number_prompts(), tok, 2, rank=rank, world_size=world)
         cfg = TrainConfig(steps=3, lr=3e-3, warmup=0, weight_decay=0.0, progress=False, fsdp=fsdp)
-        result = train(load_model(demo_dir), batches, objective, cfg, f"{out}/run")
-        if rank == 0:
-            with open(f"{out}/losses.json", "w") as f:
-                json.dump(result.losses, f)
-    finally:
-        torch.distributed.destroy_process_group()
+        save_losses(train(load_model(demo_dir), batches, objective, cfg, f"{out}/run").losses)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CrashAfter
+from conftest import CrashAfter, gloo_process
 
 from lmfoundry.checkpoint import load_model
 from lmfoundry.checkpoint.formats import SEQ_CLS, weight_plan
@@ -205,21 +205,13 @@ def test_bad_reward_inputs_fail_with_one_line(tmp_path, demo_dir, capsys):
 
 
 def distributed_worker(rank, world, port, out, fsdp):
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_process(rank, world, port, out) as save_losses:
         mine = [{k: v[rank::world] for k, v in pair_batch(B=2, seed=s).items()} for s in range(4)]
         torch.manual_seed(0)
         rm = RewardModel(Transformer(ModelConfig.from_preset("tiny").replace(pad_token_id=PAD)))
         cfg = TrainConfig(steps=4, lr=1e-3, warmup=0, progress=False, weight_decay=0.0, fsdp=fsdp)
         result = train(rm, ListBatches(mine), BradleyTerry(), cfg, f"{out}/run", trainable=RewardModelWeights())
-        if rank == 0:
-            with open(f"{out}/losses.json", "w") as f:
-                json.dump(result.losses, f)
-    finally:
-        torch.distributed.destroy_process_group()
+        save_losses(result.losses)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ train.distributed.parallelize() applies FSDP), saved and read in PEFT's format.
     with disable_adapters(model): ...                  the base model (DPO's reference)
     save_adapter(model, "out/")                        adapter_config.json + adapter_model.safetensors
     load_adapter(model, "out/")                        an adapter written by us or by PEFT, into the model
+    adapter_base("out/")                               the base directory its adapter_config.json names
     load_lora_model(cfg, loaders, LoraConfig(...))     base weights streamed straight into place (QLoRA: NF4)
     Adapter("out/", cfg, fmt).fold(name, w)            W + s B@A (DoRA: rescaled rows): `lora merge`,
                                                        merge recipes' base+adapter, --adapter
@@ -58,7 +59,8 @@ PREFIX = "base_model.model."           # PeftModelForCausalLM.base_model (LoraMo
 SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False), ".lora_magnitude_vector": ("m", False),
             ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True), ".base_layer.weight": ("W", False)}
 # adapter_config.json keys whose non-default values change the math in ways we do not implement
-UNSUPPORTED = {"bias": "none", "modules_to_save": None, "fan_in_fan_out": False, "layer_replication": None,
+# (modules_to_save: whole modules saved beside the adapter; only a reward model's score head is read, see Adapter)
+UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "layer_replication": None,
                "lora_bias": False, "trainable_token_indices": None, "target_parameters": None,
                "use_qalora": False, "alora_invocation_tokens": None}
 
@@ -404,13 +406,14 @@ def _random(name: str, cfg: ModelConfig, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------- PEFT's format: writing
 
-def peft_config(config: LoraConfig, cfg: ModelConfig, fmt: Format, base_model: str | None = None) -> dict:
+def peft_config(config: LoraConfig, cfg: ModelConfig, fmt: Format, base_model: str | None = None,
+                task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> dict:
     """adapter_config.json of PEFT's LoraConfig (the keys PEFT and vLLM read, PEFT's defaults else)."""
     modules = sorted({short_name(g.hf) for g in targeted(cfg, fmt, config.targets)})
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
+    return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model, "revision": None,
             "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": modules, "bias": "none", "use_rslora": config.rslora, "use_dora": config.dora,
-            "modules_to_save": None, "fan_in_fan_out": False, "init_lora_weights": True,
+            "modules_to_save": modules_to_save, "fan_in_fan_out": False, "init_lora_weights": True,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
             "inference_mode": True}
 
@@ -440,18 +443,24 @@ def peft_tensors(model, tensors: dict[str, torch.Tensor] | None = None) -> dict[
 
 
 def save_adapter(model, path, tensors: dict | None = None, base_model: str | None = None,
-                 tokenizer_from=None, overwrite: bool = False) -> Path:
+                 tokenizer_from=None, overwrite: bool = False, task_type: str = "CAUSAL_LM",
+                 modules: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters as a PEFT adapter directory (atomically): adapter_config.json,
     adapter_model.safetensors (fp32, PEFT's key names for the format's Hugging Face modules) and
-    the tokenizer files of `tokenizer_from`."""
+    the tokenizer files of `tokenizer_from`. `modules`: whole weights trained beside the adapters
+    by Hugging Face name ({"score.weight": ...}, a reward model with task_type "SEQ_CLS"), saved as
+    PEFT saves modules_to_save: base_model.model.score.weight (peft/utils/other.py,
+    ModulesToSaveWrapper; the adapter name is dropped)."""
     from safetensors.torch import save_file
     if getattr(model, "lora_config", None) is None:
         raise AdapterError("this model has no LoRA adapters to save")
-    fmt = model_format(model)
+    fmt, modules = model_format(model), modules or {}
     weights = peft_tensors(model, tensors)
+    weights.update({PREFIX + name: t.detach().to("cpu", torch.float32).contiguous() for name, t in modules.items()})
+    saved = sorted({name.rpartition(".")[0] for name in modules}) or None
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_NAME, peft_config(model.lora_config, model.config, fmt, base_model))
+        write_json(tmp / CONFIG_NAME, peft_config(model.lora_config, model.config, fmt, base_model, task_type, saved))
         copy_tokenizer_files(tokenizer_from, tmp)
     return Path(path)
 
@@ -460,10 +469,13 @@ def save_adapter(model, path, tensors: dict | None = None, base_model: str | Non
 
 class Adapter:
     """A PEFT LoRA adapter directory, read and checked against a base model's config and format:
-    every module it names must exist in that format with the shapes the config implies."""
+    every module it names must exist in that format with the shapes the config implies. `heads`:
+    the whole modules (PEFT's modules_to_save) the caller reads from `saved` by weight name (a
+    reward model's "score"); any other saved module is refused."""
 
-    def __init__(self, path, cfg: ModelConfig, fmt: Format):
-        self.path, self.cfg, self.fmt = Path(path), cfg, fmt
+    def __init__(self, path, cfg: ModelConfig, fmt: Format, heads: tuple[str, ...] = ()):
+        self.path, self.cfg, self.fmt, self.heads = Path(path), cfg, fmt, heads
+        self.saved: dict[str, torch.Tensor] = {}
         self.conf = self._read_config()
         self.modules = self._read_tensors()
         self.scaling: dict[str, float] = {}
@@ -506,6 +518,8 @@ class Adapter:
         for key, t in tensors.items():
             match = next(((key[len(PREFIX):-len(s)], slot) for s, slot in SUFFIXES.items()
                           if key.startswith(PREFIX) and key.endswith(s)), None)
+            if match is None and self._saved_module(file, key, t):
+                continue
             if match is None:
                 raise AdapterError(f"{file}: unexpected tensor {key} (expected {PREFIX}<module>.lora_A.weight, "
                                    ".lora_B.weight, .lora_magnitude_vector or .lora_embedding_A/B)")
@@ -516,6 +530,21 @@ class Adapter:
         if not modules:
             raise AdapterError(f"{file}: holds no adapter tensors")
         return modules
+
+    def _saved_module(self, file, key: str, t: torch.Tensor) -> bool:
+        """Keep a whole module PEFT saved beside the adapter (modules_to_save) when the caller reads
+        it; refuse it otherwise. False: `key` is no such module."""
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name.rpartition(".")[0] not in (self.conf.get("modules_to_save") or []):
+            return False
+        if name.rpartition(".")[0] not in self.heads:
+            raise AdapterError(f"{file}: {key} is a whole module saved beside the adapter (modules_to_save), "
+                               "which only a reward model's score head may be (use it with `lmfoundry reward "
+                               "score` or --reward)")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{file}: tensor {key} is not finite floating-point data")
+        self.saved[name] = t
+        return True
 
     def _check(self):
         file, conf = self.path / WEIGHTS_NAME, self.conf
@@ -624,6 +653,23 @@ def load_adapter(model, path, format=None):
         if m is not None:
             target.lora_magnitude.copy_(m)
     return model
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def adapter_base(path) -> Path:
+    """The base model directory an adapter names (adapter_config.json's base_model_name_or_path)."""
+    file = Path(path) / CONFIG_NAME
+    try:
+        base = read_json(file).get("base_model_name_or_path")
+    except CheckpointError as e:
+        raise AdapterError(str(e)) from None
+    if not base or not Path(base).is_dir():
+        raise AdapterError(f"{file}: base_model_name_or_path {base!r} is not a checkpoint directory here "
+                           "(the adapter's base model is needed to use it)")
+    return Path(base)
 
 
 def _adapter_format(path, cfg: ModelConfig, default: Format) -> Format:

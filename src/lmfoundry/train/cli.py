@@ -28,9 +28,10 @@ def cmd_score(args):
     from pathlib import Path
 
     from ..tokenizer import load_tokenizer
-    from .reward import format_scores, load_reward_model, score_pairs
+    from .reward import format_scores, load_reward_model, score_pairs, tokenizer_dir
     rm = load_reward_model(args.rm, device=args.device)
-    res = score_pairs(rm, load_tokenizer(args.tokenizer or args.rm), args.data, batch_size=args.batch_size,
+    tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(args.rm))
+    res = score_pairs(rm, tokenizer, args.data, batch_size=args.batch_size,
                       seq_len=args.seq_len or rm.config.max_seq_len)
     print(format_scores(res))
     if args.out:
@@ -48,7 +49,8 @@ def add_parser(sub):
         if verb == "reward":
             actions = p.add_subparsers(dest="reward_action", required=False, metavar="ACTION")
             s = actions.add_parser("score", help="pairwise accuracy and reward distribution on preference pairs")
-            s.add_argument("rm", help="a reward model directory (*ForSequenceClassification)")
+            s.add_argument("rm", help="a reward model directory (*ForSequenceClassification) or "
+                           "its LoRA adapter directory (on the base its adapter_config.json names)")
             s.add_argument("--data", nargs="+", required=True, metavar="FILE", help="preference .jsonl/.parquet")
             s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the reward model's)")
             s.add_argument("--batch-size", type=int, default=16, help="pairs per forward (16)")

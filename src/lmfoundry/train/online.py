@@ -16,6 +16,11 @@ the worst scored sample are chosen and rejected (a prompt whose scores all tie i
 counted in pairs/tied), and DPO (objectives.DPO: sigmoid or IPO) takes a step against the frozen
 initial policy. count = usable pairs.
 
+The reference policy (online DPO; GRPO with beta > 0) is taken as DPO takes it: `reference=` when
+given (a frozen model), else the trainable's (the loop's PrepareContext.reference: with LoRA, the
+policy itself with its adapters switched off, so no second model is built and a resume still has
+it), else a frozen copy of the initial policy made in prepare() (refused on a resume).
+
 GRPO (DeepSeekMath; TRL's GRPOTrainer): G samples per prompt, advantages (r - mean) / (std + 1e-4)
 within each group (unbiased std, as TRL's nanstd; scale_rewards "none": r - mean); a group whose
 rewards are all equal has zero advantages. Per token, with ratio = exp(logp - logp_old):
@@ -42,6 +47,7 @@ forwards through sharded modules would need the same number of decode steps on e
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -57,16 +63,23 @@ SCALE_REWARDS = ("group", "none")
 
 
 def plain_copy(model, into=None):
-    """A plain (unsharded, frozen) Transformer holding `model`'s current weights; collective under
-    FSDP (every rank calls it). `into`: a copy made earlier to refill."""
+    """A plain (unsharded, frozen) Transformer holding `model`'s current weights (and its LoRA
+    adapters, on a dense base); collective under FSDP (every rank calls it). `into`: a copy made
+    earlier to refill."""
+    from dataclasses import replace
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from ..lora import apply_lora, dense
     from ..model import Transformer, rope_inv_freq
     weights = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if _sharded(model)
                else model.state_dict())                  # full tensors on every rank
+    weights = {name: dense(t) for name, t in weights.items()}
     if into is None:
         with torch.device("meta"):
             into = Transformer(model.config)
+        if getattr(model, "lora_config", None) is not None:
+            apply_lora(into, replace(model.lora_config, qlora=False), model.lora_format)
         into = into.to_empty(device=model.device).requires_grad_(False).eval()
         into.inv_freq = rope_inv_freq(model.config).to(model.device)
     into.load_state_dict(weights)
@@ -91,6 +104,7 @@ class Online:
             raise TrainError(f"num_generations must be >= 2 (samples of each prompt to compare), got {num_generations}")
         self.scorer, self.params, self.k, self.tokenizer = scorer, params, num_generations, tokenizer
         self.reference, self.seed = reference, seed
+        self.reference_context = contextlib.nullcontext     # under it, self.reference is the reference policy
         self.rollouts: dict[int, dict] = {}
         self.policy = self.copy = None
         self.autocast = None
@@ -105,6 +119,9 @@ class Online:
         if hasattr(self.scorer, "to"):
             self.scorer.to(ctx.device)
         if not self.uses_reference:
+            return
+        if self.reference is None and ctx.reference is not None:    # LoRA: the base, adapters off
+            self.reference, self.reference_context = ctx.model, ctx.reference
             return
         if self.reference is None:
             if ctx.resuming:
@@ -223,7 +240,7 @@ def grpo_loss_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, m
 
 class OnlineDPO(Online):
     """Online DPO (module docstring). `beta`, `loss_type` ("sigmoid" or "ipo") and `label_smoothing`
-    are DPO's; the reference is `reference` or a frozen copy of the policy as prepare() finds it."""
+    are DPO's; the reference is taken as the module docstring says."""
 
     name = "online_dpo"
 
@@ -261,11 +278,8 @@ class OnlineDPO(Online):
         r = self.rollouts[batch["rollout"]]
         r["done"] = True
         pair = to_device(r["pair"], self.device)
-        if r["count"] > 0:
-            with torch.no_grad():
-                ref_chosen, ref_rejected, _, _ = self.dpo.policy_logps(self.reference, pair)
-        else:
-            ref_chosen = ref_rejected = torch.zeros(1, device=self.device)
+        with torch.no_grad(), self.reference_context():   # every rank, pairs or not (FSDP: collective forwards)
+            ref_chosen, ref_rejected, _, _ = self.dpo.policy_logps(self.reference, pair)
         loss, stats = self.dpo(model, {**pair, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected})
         if r["count"] == 0:
             loss, stats = loss * 0, {name: v * 0 for name, v in stats.items()}
@@ -309,7 +323,7 @@ class GRPO(Online):
              "completions/length": [samples.lengths.sum().item(), scores.numel()],
              "completions/truncated": [samples.truncated.sum().item(), scores.numel()]}
         if self.beta:
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.autocast(), self.reference_context():
                 r["ref_logps"] = token_logps(self.reference, samples.ids.to(self.device),
                                              samples.labels.to(self.device)).float().cpu()
         return r

@@ -127,7 +127,7 @@ def run(verb: str, opts: dict):
         if "seq_len" in opts and D.rank_and_world()[0] == 0 and opts["progress"]:
             print(memory_plan(verb, opts, model.config, lora).describe(), flush=True)
         if verb in ONLINE:
-            batches, eval_batches, objective = _online(verb, opts, tokenizer, model)
+            batches, eval_batches, objective = _online(verb, opts, tokenizer, model, lora)
         else:
             batches, eval_batches, objective = _data_and_objective(verb, opts, tokenizer, tokenizer_dir)
         steps = opts["steps"]
@@ -184,27 +184,30 @@ def _model_and_trainable(verb: str, opts: dict, tokenizer, fmt, lora, model_dir)
     score head on a causal LM."""
     if verb in ("dpo", "online-dpo") and not opts["beta"] > 0:
         raise TrainError(f"{flag('beta')} must be > 0 for {verb}, got {opts['beta']}")
+    base = str(Path(model_dir).resolve()) if model_dir else opts["model"]
     if verb != "reward":
-        if lora is None:
-            return build_model(opts["model"], tokenizer, opts["seed"]), None
         from .trainable import LoRA
         model = build_model(opts["model"], tokenizer, opts["seed"], lora, *_base_placement(opts))
-        return model, LoRA(base_model=str(Path(model_dir).resolve()) if model_dir else opts["model"])
-    if lora is not None:
-        raise TrainError("--lora-rank: reward models are trained in full for now (drop --lora-rank)")
+        return model, None if lora is None else LoRA(base_model=base)
     import torch
 
     from ..checkpoint import read_config
-    from .reward import RewardModel, RewardModelWeights, load_reward_model, seq_cls_format
+    from ..lora import apply_lora
+    from .reward import RewardModel, RewardModelAdapters, RewardModelWeights, load_reward_model, seq_cls_format
+    if lora is not None and "lm_head" in lora.targets:
+        raise TrainError("--lora-targets lm_head: a reward model has no LM head (its score head is trained in full)")
     spec = opts["model"]
     if Path(spec).is_dir() and read_config(spec)[1].head == "score":
         model = load_reward_model(spec)
+        torch.manual_seed(opts["seed"])
+        if lora is not None:
+            apply_lora(model.body, lora)
     else:
-        body = build_model(spec, tokenizer, opts["seed"])
+        body = build_model(spec, tokenizer, opts["seed"], lora, *_base_placement(opts))
         torch.manual_seed(opts["seed"])
         model = RewardModel(body)
     seq_cls_format(model.config, fmt)           # refuse a family without a sequence classifier now
-    return model, RewardModelWeights()
+    return model, RewardModelWeights() if lora is None else RewardModelAdapters(base_model=base)
 
 
 def _scorer(opts: dict):
@@ -225,9 +228,10 @@ def _scorer(opts: dict):
                        reference_field=opts["answer_field"])
 
 
-def _online(verb: str, opts: dict, tokenizer, model):
-    """(prompt batches, None, objective) of online-dpo / grpo; the reference (the initial policy,
-    for online DPO and for GRPO with beta > 0) is built from --model again, so a resume has it."""
+def _online(verb: str, opts: dict, tokenizer, model, lora):
+    """(prompt batches, None, objective) of online-dpo / grpo. The reference (the initial policy,
+    for online DPO and for GRPO with beta > 0) is built from --model again, so a resume has it;
+    with LoRA it is the policy with its adapters off (the trainable's), no second model."""
     from ..generate import SamplingParams
     from .online import GRPO, OnlineDPO
     from .rollout import PromptBatches
@@ -244,7 +248,8 @@ def _online(verb: str, opts: dict, tokenizer, model):
                             field=opts["prompt_field"], required=scorer.required, why=getattr(scorer, "why", ""),
                             repeat=opts["num_iterations"] if grpo else 1, group=opts["grad_accum"], rank=rank,
                             world_size=world, max_prompt_tokens=room)
-    reference = build_model(opts["model"], tokenizer, opts["seed"]) if not grpo or opts["beta"] > 0 else None
+    wanted = lora is None and (not grpo or opts["beta"] > 0)
+    reference = build_model(opts["model"], tokenizer, opts["seed"]) if wanted else None
     common = dict(tokenizer=tokenizer, num_generations=opts["num_generations"], beta=opts["beta"],
                   reference=reference, seed=opts["seed"])
     if grpo:

@@ -17,8 +17,11 @@ pair's "margin" (a record field; the Llama 2 margin term) and the centering coef
 the number of pairs, which gives TRL's per-batch mean.
 
 What is trained is a trainable like any other (trainable.py): RewardModelWeights trains every
-weight and exports a Hugging Face sequence classifier; an adapter trainable applied to `rm.body`
-plus the score head trains the same objective unchanged.
+weight and exports a Hugging Face sequence classifier; RewardModelAdapters trains LoRA adapters on
+`rm.body` (lora.apply_lora) plus the score head in full and exports a PEFT adapter directory with
+task_type SEQ_CLS and the head as PEFT saves modules_to_save ["score"] (base_model.model.score.weight),
+which PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1),
+dir) loads. load_reward_model reads both (an adapter directory on the base its config names).
 """
 from __future__ import annotations
 
@@ -33,10 +36,10 @@ from torch import nn
 from ..errors import CheckpointError, TrainError
 from . import distributed as D
 from .objectives import IGNORE
-from .trainable import WholeModel, full_state_dict
+from .trainable import LoRA, WholeModel, full_state_dict
 
-__all__ = ["RewardModel", "BradleyTerry", "RewardModelWeights", "load_reward_model", "save_reward_model",
-           "score_pairs", "last_token", "reply_lengths"]
+__all__ = ["RewardModel", "BradleyTerry", "RewardModelWeights", "RewardModelAdapters", "load_reward_model",
+           "save_reward_model", "score_pairs", "last_token", "reply_lengths", "tokenizer_dir"]
 
 
 def last_token(input_ids: torch.Tensor, pad_id: int | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,19 +109,32 @@ def save_reward_model(weights: dict, cfg, path, format: str | None = None, dtype
 
 
 def load_reward_model(path, dtype=None, device=None) -> RewardModel:
-    """A RewardModel from a *ForSequenceClassification directory (ours or transformers'/TRL's)."""
+    """A RewardModel from a *ForSequenceClassification directory (ours or transformers'/TRL's), or
+    from a PEFT SEQ_CLS adapter directory (ours or PEFT's: LoRA folded into its base, the score head
+    from the adapter) on the base its adapter_config.json names."""
     from ..checkpoint import Checkpoint
     from ..checkpoint.io import parse_dtype
+    from ..lora import Adapter, adapter_base, is_adapter_dir
     from ..model import Transformer, rope_inv_freq
+    adapter = None
+    if is_adapter_dir(path):
+        adapter, path = Path(path), adapter_base(path)
     ckpt = Checkpoint(path)
-    if ckpt.format.head != "score":
-        raise CheckpointError(f"{path}: a {ckpt.format.architecture} is not a reward model (it has no score head); "
-                              "train one with `lmfoundry reward`")
+    adapter = adapter and Adapter(adapter, ckpt.config, ckpt.format, heads=("score",))
+    if ckpt.format.head != "score" and "score.weight" not in (adapter.saved if adapter else {}):
+        raise CheckpointError(f"{adapter.path if adapter else path}: a {ckpt.format.architecture} is not a reward "
+                              "model (it has no score head); train one with `lmfoundry reward`")
     dtype, device = parse_dtype(dtype) or ckpt.dtype, torch.device(device or "cpu")
     with torch.device("meta"):
         rm = RewardModel(Transformer(ckpt.config))
-    state = {(name if name == "score.weight" else f"body.{name}"): ckpt.read(name).to(device=device, dtype=dtype)
-             for name in ckpt.shapes}
+    wanted = rm.state_dict()
+    state = {f"body.{name}": (adapter.fold(name, ckpt.read(name)) if adapter else ckpt.read(name))
+             for name in ckpt.shapes if f"body.{name}" in wanted}
+    state["score.weight"] = adapter.saved["score.weight"] if adapter and adapter.saved else ckpt.read("score.weight")
+    if tuple(state["score.weight"].shape) != (1, ckpt.config.dim):
+        raise CheckpointError(f"{adapter.path if adapter else path}: score.weight has shape "
+                              f"{list(state['score.weight'].shape)}, a reward model's is [1, {ckpt.config.dim}]")
+    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
     rm.load_state_dict(state, strict=True, assign=True)
     rm.body.inv_freq = rope_inv_freq(ckpt.config).to(device)
     return rm.eval()
@@ -137,6 +153,33 @@ class RewardModelWeights(WholeModel):
         weights = full_state_dict(model)
         if D.rank_and_world()[0] == 0:
             save_reward_model(weights, model.config, path, format, dtype, tokenizer_from)
+
+
+class RewardModelAdapters(LoRA):
+    """LoRA adapters on a RewardModel's body plus its score head in full; the export is a PEFT
+    adapter directory with task_type SEQ_CLS (module docstring)."""
+
+    def named_parameters(self, model) -> dict[str, torch.nn.Parameter]:
+        return {**super().named_parameters(model), "score.weight": model.score.weight}
+
+    def export(self, model, path, format=None, dtype=None, tokenizer_from=None):
+        from ..lora import save_adapter
+        tensors = self.state_dict(model)
+        score = tensors.pop("score.weight")
+        if D.rank_and_world()[0] == 0:
+            save_adapter(model.body, path, {name.removeprefix("body."): t for name, t in tensors.items()},
+                         base_model=self.base_model, tokenizer_from=tokenizer_from, overwrite=True,
+                         task_type="SEQ_CLS", modules={"score.weight": score})
+
+
+def tokenizer_dir(path) -> Path:
+    """Where a reward model's tokenizer is: its directory, or an adapter's base when the adapter
+    directory has no tokenizer files."""
+    from ..lora import adapter_base, is_adapter_dir
+    path = Path(path)
+    if is_adapter_dir(path) and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return adapter_base(path)
+    return path
 
 
 # ---------------------------------------------------------------- the objective

@@ -3,7 +3,7 @@
     PromptBatches(records, tokenizer, batch_size)   prompt records -> micro-batches of prompts (exact resume)
     sample(model, prompt_ids, k, params, seed)      k completions per prompt from lmfoundry's decode core
     Verifier("math")                                GSM8K `#### N` answers vs the record's "answer" (eval's parser)
-    RewardModelScorer("runs/rm")                    a reward model (a *ForSequenceClassification directory)
+    RewardModelScorer("runs/rm")                    a reward model (a *ForSequenceClassification or adapter directory)
     JudgeScorer("http://host:8000/v1")              an OpenAI-compatible judge grading 1-10 ("[[r]]")
 
 A scorer is any callable (records, prompts, completions) -> [float or None]: `records` the prompt
@@ -188,10 +188,10 @@ class RewardModelScorer:
     def __init__(self, path, batch_size: int = 16, device=None):
         from ..data.chat import Renderer
         from ..tokenizer import load_tokenizer
-        from .reward import load_reward_model
+        from .reward import load_reward_model, tokenizer_dir
         self.rm = load_reward_model(path, device=device)
         self.rm.requires_grad_(False)
-        self.render = Renderer(load_tokenizer(path))
+        self.render = Renderer(load_tokenizer(tokenizer_dir(path)))
         self.batch_size, self.name = batch_size, f"reward model {path}"
 
     def to(self, device):

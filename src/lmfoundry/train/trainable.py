@@ -94,15 +94,18 @@ class LoRA:
     def __init__(self, base_model: str | None = None):
         self.base_model = base_model
 
-    def parameters(self, model) -> list[torch.nn.Parameter]:
+    def named_parameters(self, model) -> dict[str, torch.nn.Parameter]:
+        """What is trained, by the model's names (a subclass adds whole modules: a reward head)."""
         from ..lora import adapter_parameters
-        return list(adapter_parameters(model).values())
+        return adapter_parameters(model)
+
+    def parameters(self, model) -> list[torch.nn.Parameter]:
+        return list(self.named_parameters(model).values())
 
     def state_dict(self, model) -> dict[str, torch.Tensor]:
-        """Adapter tensors by the model's names, full and on CPU (collective under FSDP)."""
-        from ..lora import adapter_parameters
+        """Trained tensors by the model's names, full and on CPU (collective under FSDP)."""
         return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu", torch.float32)
-                for name, p in adapter_parameters(model).items()}
+                for name, p in self.named_parameters(model).items()}
 
     def load_state_dict(self, model, tensors: dict[str, torch.Tensor]):
         load_full_state_dict(model, tensors, strict=False)
@@ -115,9 +118,8 @@ class LoRA:
                          overwrite=True)
 
     def place(self, model, device, dtype=None):
-        """Adapters in fp32, the frozen base in the compute dtype (NF4 weights stay NF4), on `device`."""
-        from ..lora import adapter_parameters
-        trained = {id(p) for p in adapter_parameters(model).values()}
+        """What is trained in fp32, the frozen base in the compute dtype (NF4 weights stay NF4), on `device`."""
+        trained = {id(p) for p in self.parameters(model)}
         done: dict[int, torch.nn.Parameter] = {}
         for module in model.modules():
             for name, p in list(module._parameters.items()):

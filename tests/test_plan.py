@@ -20,7 +20,7 @@ import torch
 
 from lmfoundry.config import ModelConfig
 from lmfoundry.lora import LoraConfig, apply_lora
-from lmfoundry.memory import _activations, adapter_params, autocast_copies, plan_training
+from lmfoundry.memory import _activations, adapter_params, autocast_copies, loss_head, plan_training
 from lmfoundry.model import Transformer
 from lmfoundry.train.objectives import token_logps
 from lmfoundry.train.trainable import LoRA
@@ -33,8 +33,9 @@ METHODS = {"full": None, "lora": LoraConfig(rank=8), "lora-dropout": LoraConfig(
            "qlora": LoraConfig(rank=8, qlora=True)}
 
 
-def saved_bytes(cfg, lora, bf16, B=2, T=64):
-    """Bytes of the distinct tensors autograd saves in one forward (parameters and NF4 weights aside)."""
+def saved_bytes(cfg, lora, bf16, summed, B=2, T=64):
+    """Bytes of the distinct tensors autograd saves in one forward through the chunked loss head, summed
+    (next-token, SFT) or per token (DPO, GRPO) (parameters and NF4 weights aside)."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     if lora is not None:
@@ -51,22 +52,23 @@ def saved_bytes(cfg, lora, bf16, B=2, T=64):
     params = {p.untyped_storage().data_ptr() for p in model.parameters() if not hasattr(p, "get_original_weight")}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.enable_grad()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        token_logps(model, ids, ids)
+        token_logps(model, ids, ids, summed=summed)
     rope = 2 * T * cfg.head_dim * (2 if bf16 and lora is not None else 4)      # cos and sin, once per forward
-    return sum(v for k, v in saved.items() if k not in params) - B * T * (cfg.vocab_size * 4 + 8) - rope
+    return sum(v for k, v in saved.items() if k not in params) - rope
 
 
-@pytest.mark.parametrize("config, method, bf16", [
-    (c, m, b) for c, m, b in itertools.product(CONFIGS, METHODS, [False, True])
+@pytest.mark.parametrize("config, method, bf16, summed", [
+    (c, m, b, s) for c, m, b, s in itertools.product(CONFIGS, METHODS, [False, True], [True, False])
     if not (c in ("tied", "openelm") and m == "dora-some")])   # lm_head is tied there
-def test_planned_activations_equal_what_autograd_saves(config, method, bf16):
+def test_planned_activations_equal_what_autograd_saves(config, method, bf16, summed):
     cfg, lora = CONFIGS[config], METHODS[method]
     kind = "full" if lora is None else "qlora" if lora.qlora else "lora"
-    every, _, ends = _activations(cfg, kind, lora, 2 if bf16 else 4, bf16, gpu=False)
-    planned = (every + ends) * 2 * 64
+    c, tokens = 2 if bf16 else 4, 2 * 64
+    every, _, ends = _activations(cfg, kind, lora, c, bf16, gpu=False, summed=summed)
+    planned = (every + ends) * tokens + loss_head(cfg, kind, c, tokens, summed, True)[0]
     if bf16:
-        planned += autocast_copies(cfg, kind, adapter_params(cfg, lora) if lora else 0)
-    assert saved_bytes(cfg, lora, bf16) == pytest.approx(planned, rel=0.02)
+        planned += autocast_copies(cfg, kind, adapter_params(cfg, lora, head=False) if lora else 0)
+    assert saved_bytes(cfg, lora, bf16, summed) == pytest.approx(planned, rel=0.02)
 
 
 CHILD = r'''

@@ -1,6 +1,8 @@
 """The memory planner against what really happens: the activations it plans equal (within 2%) the
-bytes autograd saves for our model code, and the peak it plans for real CPU training runs (full,
-LoRA, QLoRA) is within 15% of the measured peak RSS.
+bytes autograd saves for our model code and either loss path of the chunked loss head, and the peak
+it plans for real CPU training runs (full, LoRA, QLoRA) is within 15% of the measured peak RSS,
+over the whole run and over its training steps alone (for full fine-tuning the final checkpoint
+write is the whole run's peak).
 
 What the RSS check counts: the child process first runs the same train() call on a one-layer model
 of the same shapes, so the interpreter, torch, its math libraries' per-shape workspaces, the
@@ -96,23 +98,35 @@ def build(c):
         return Transformer(c), None
     return load_lora_model(c, None, lora), LoRA()
 
-def run(c, steps, where):
-    model, trainable = build(c)
-    train(model, ListBatches(batches), NextToken(), TrainConfig(steps=steps, lr=1e-4, progress=False), where,
-          trainable=trainable)
-
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
+class Watched(NextToken):
+    """NextToken that notes the RSS peak when the third step starts: steps 1 and 2 (forward,
+    backward, AdamW), before the final checkpoint is written."""
+    calls, steps_peak = 0, None
+    def __call__(self, model, batch):
+        Watched.calls += 1
+        if Watched.calls == 3:
+            Watched.steps_peak = status("VmHWM:")
+        return super().__call__(model, batch)
+
+def run(c, steps, where):
+    model, trainable = build(c)
+    train(model, ListBatches(batches), Watched(), TrainConfig(steps=steps, lr=1e-4, progress=False), where,
+          trainable=trainable)
+
 run(cfg.replace(n_layers=1, n_heads=8, n_kv_heads=4, ffn_dim=1408), 1, out + "/warm")   # the baseline
 base = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")                                                                         # reset VmHWM
+Watched.calls = 0
 run(cfg, 3, out + "/run")
 plan = plan_training(cfg, method, T, B, lora=lora, device="cpu")
-print(json.dumps({"peak": status("VmHWM:") - base, "plan": plan.total}))
+print(json.dumps({"peak": status("VmHWM:") - base, "plan": plan.total,
+                  "steps_peak": Watched.steps_peak - base, "steps_plan": plan.steps_peak}))
 '''
 
 
@@ -128,6 +142,7 @@ def test_planned_peak_is_within_15_percent_of_the_measured_rss(tmp_path, method)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["peak"] == pytest.approx(got["plan"], rel=0.15), got
+    assert got["steps_peak"] == pytest.approx(got["steps_plan"], rel=0.15), got   # full: the checkpoint write dominates
 
 
 def test_published_per_parameter_figures_for_llama_3_8b():

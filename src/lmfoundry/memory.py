@@ -65,6 +65,7 @@ class MemoryPlan:
     total: int = 0
     budget: int | None = None
     notes: list = field(default_factory=list)
+    steps_peak: int = 0            # the peak while training steps run (total also covers checkpoint writes)
 
     @property
     def fits(self) -> bool | None:
@@ -73,6 +74,8 @@ class MemoryPlan:
     def describe(self) -> str:
         lines = [f"memory plan per device ({self.method}):"]
         lines += [f"  {name:<34} {gib(b):>10}" for name, b in self.rows.items()]
+        if self.steps_peak and self.steps_peak != self.total:
+            lines.append(f"  {'peak during steps':<34} {gib(self.steps_peak):>10}")
         lines.append(f"  {'peak (planned)':<34} {gib(self.total):>10}")
         if self.budget is not None:
             lines.append(f"  {'budget':<34} {gib(self.budget):>10}  -> "
@@ -273,8 +276,8 @@ def plan_training(cfg: ModelConfig, method: str = "full", seq_len: int = 2048, b
         rows["reserve (CUDA context, allocator)"] = CUDA_RESERVE
     else:
         saving = rows["checkpoint write"] = checkpoint_write(method, total_params, trainable) / shards
-    plan.total = int(rows["weights"] + rows["optimizer states (AdamW)"] + max(during, step, saving)
-                     + rows.get("reserve (CUDA context, allocator)", 0))
+    held = rows["weights"] + rows["optimizer states (AdamW)"] + rows.get("reserve (CUDA context, allocator)", 0)
+    plan.steps_peak, plan.total = int(held + max(during, step)), int(held + max(during, step, saving))
     plan.budget = parse_size(gpu_memory) if gpu_memory else None
     if fsdp and gpus == 1:
         plan.notes.append("--fsdp with one GPU shards nothing")

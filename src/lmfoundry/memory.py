@@ -9,26 +9,39 @@ It is a model of this code, not a rule of thumb: every figure below follows what
 model.py, lora.py and torch keep alive, and tests/test_plan.py checks the activations against the
 tensors autograd saves and the total against the measured peak RSS of real CPU runs.
 
-    weights      full: fp32 master weights. LoRA: the frozen base in the compute dtype (bf16 on GPU,
-                 fp32 on CPU) + fp32 adapters. QLoRA: the seven projections in NF4 (torchao: 4-bit
-                 codes, an int8 absmax per 64 values, a scale per 256 absmaxes), the rest as LoRA
+    weights      full: fp32 master weights. LoRA: the frozen base in the compute dtype (bf16 under
+                 autocast: on GPU, and on CPUs with native bf16 with --dtype auto) + fp32 adapters.
+                 QLoRA: the seven projections in NF4 (torchao: 4-bit codes, an int8 absmax per 64
+                 values, a scale per 256 absmaxes), the rest as LoRA
     gradients    fp32, trainable parameters only (DDP keeps a second copy in its buckets)
-    optimizer    AdamW: two fp32 moments per trainable parameter
+    optimizer    AdamW: two fp32 moments per trainable parameter; fused (CPU/CUDA without FSDP) it
+                 updates in place, FSDP2's foreach AdamW takes one moment-sized buffer
     activations  what autograd saves per token and layer for this model code: the residual stream,
                  norm outputs (one bf16 copy per linear that reads them under autocast), q k v and
                  the attention output (flash/memory-efficient SDPA: no T x T matrix), the SwiGLU
-                 intermediates, adapter inputs; with activation checkpointing only each block's
-                 input plus one block recomputed
-    logits       the fp32 log-softmax autograd keeps, the logits and their float copy
+                 intermediates, adapter inputs, bf16 copies of the decoder's weights under autocast;
+                 then the chunked loss head (train/objectives.py label_logps, run inside the
+                 model's forward): the final norm, a bool mask of the labelled tokens and, per
+                 labelled token, grad_h (summed loss: next-token, SFT) or the hidden row, label and
+                 logsumexp (per-token log-probs: DPO, GRPO). With activation checkpointing only each
+                 block's input plus one block recomputed
+    logits       one chunk of at most LOGITS_PER_CHUNK fp32 logits (and the product in bf16 under
+                 autocast), the output weight cast to bf16, and the output weight's fp32 gradient:
+                 the summed loss makes it in the forward and keeps it to the backward (which scales
+                 it into a second one), the per-token loss builds it in the backward
     transient    the largest short-lived buffer: a dequantized NF4 weight (torchao's dequantization
-                 works through int64 codes), AdamW's update temporaries (one moment-sized buffer on
-                 GPU, where it runs foreach), FSDP's gathered blocks
+                 works through int64 codes), DoRA's weight norm, FSDP's gathered blocks
+    checkpoint   on CPU: torch.distributed.checkpoint writes each rank's state file through
+                 safetensors.torch.save, which holds the whole file twice in memory (full
+                 fine-tuning: 24 bytes per parameter); on GPU this is host memory (a note)
 
-peak = weights + optimizer + max(activations + max(logits, transient), gradients + optimizer step)
-(with gradient accumulation the gradients stay allocated through later micro-batches). Not
-covered: the Python and torch baseline (about 0.3-0.5 GB RSS on CPU), the CUDA context and
+peak = weights + optimizer + max(activations + max(logits, transient), gradients + optimizer step,
+checkpoint) (with gradient accumulation the gradients stay allocated through later micro-batches).
+Not covered: the Python and torch baseline (about 0.3-0.5 GB RSS on CPU), the CUDA context and
 allocator fragmentation on GPU (planned as `reserve`), data loading, and attention that falls back
-to the math kernel (an explicit mask on devices without a masked fused kernel).
+to the math kernel (an explicit mask on devices without a masked fused kernel). An lm_head adapter
+is not counted as running: the model hands label_logps lm_head's base weight (output_weight), so
+today the training losses bypass it.
 """
 from __future__ import annotations
 
@@ -52,6 +65,7 @@ class MemoryPlan:
     total: int = 0
     budget: int | None = None
     notes: list = field(default_factory=list)
+    steps_peak: int = 0            # the peak while training steps run (total also covers checkpoint writes)
 
     @property
     def fits(self) -> bool | None:
@@ -60,6 +74,8 @@ class MemoryPlan:
     def describe(self) -> str:
         lines = [f"memory plan per device ({self.method}):"]
         lines += [f"  {name:<34} {gib(b):>10}" for name, b in self.rows.items()]
+        if self.steps_peak and self.steps_peak != self.total:
+            lines.append(f"  {'peak during steps':<34} {gib(self.steps_peak):>10}")
         lines.append(f"  {'peak (planned)':<34} {gib(self.total):>10}")
         if self.budget is not None:
             lines.append(f"  {'budget':<34} {gib(self.budget):>10}  -> "
@@ -85,24 +101,28 @@ def nf4_bytes(numel: int, scale_bytes: int) -> int:
     return numel // 2 + blocks + math.ceil(blocks / 256) * scale_bytes + 17 * scale_bytes
 
 
-def adapter_params(cfg: ModelConfig, lora) -> int:
+def adapter_params(cfg: ModelConfig, lora, head: bool = True) -> int:
     """Trainable adapter parameters (a fused module's parts share A: counted once per module as
-    PEFT's, but lmfoundry keeps one A per fused group too, so the count is per group)."""
+    PEFT's, but lmfoundry keeps one A per fused group too, so the count is per group). head=False:
+    without an lm_head adapter (the training losses read lm_head's weight, so it does not run)."""
     from .checkpoint.formats import default_format
     from .lora import targeted
     total = 0
     for g in targeted(cfg, default_format(cfg), lora.targets):
+        if not head and "lm_head" in g.parts:
+            continue
         total += lora.rank * (g.in_features + sum(g.sizes))
         if lora.dora and not g.embedding:
             total += sum(g.sizes)
     return total
 
 
-def _activations(cfg: ModelConfig, method: str, lora, c: int, autocast: bool, gpu: bool = True
-                 ) -> tuple[float, float, float]:
-    """Bytes autograd saves per token: (all layers, the largest layer, embeddings + final norm) for
-    this code. c: the compute dtype's bytes; autocast: linears cast an fp32 input to bf16, one copy
-    per linear (so q, k and v each save their own copy of the norm's output)."""
+def _activations(cfg: ModelConfig, method: str, lora, c: int, autocast: bool, gpu: bool = True,
+                 summed: bool = True) -> tuple[float, float, float]:
+    """Bytes autograd saves per token: (all layers, the largest layer, embeddings + final norm + the
+    loss head) for this code. c: the compute dtype's bytes; autocast: linears cast an fp32 input to
+    bf16, one copy per linear (so q, k and v each save their own copy of the norm's output);
+    summed: the summed loss (next-token, SFT) rather than per-token log-probs (DPO, GRPO)."""
     full = method == "full"
     targets = set(PROJECTIONS) | {"embed", "lm_head"} if full else set(lora.targets)
     copies = autocast and (full or not autocast)                  # an fp32 residual stream read by bf16 linears
@@ -150,7 +170,14 @@ def _activations(cfg: ModelConfig, method: str, lora, c: int, autocast: bool, gp
         b += sum(adapter_saves(t, s[1], s[0], layer_in or t not in ("q", "k", "v")) for t, s in shapes.items())
         grad = grad or "down" in targets
         per_layer.append(b)
-    ends = norm_saves(["lm_head"], cfg.dim, grad) + adapter_saves("lm_head", cfg.dim, cfg.vocab_size, True)
+    # the final norm's output goes to label_logps (train/objectives.py), not through a linear: the
+    # labelled rows are picked by a bool mask (saved, a byte per token); the summed loss saves
+    # grad_h [N, D] (only when the hidden states need a gradient), the per-token one its input rows,
+    # labels (int64) and logsumexp (fp32). Both read lm_head.weight directly, so an lm_head adapter is not run.
+    needs = grad or full
+    r = 4 if full or c == 4 else c                                    # the residual stream's bytes
+    ends = norm_saves([], cfg.dim, grad)
+    ends += 1 + cfg.dim * r + (0 if summed else 12) if needs else 0
     if "embed" in targets:
         ends += 8 + (0 if full else lora.rank * c)                    # token ids (and A^T[x])
     return sum(per_layer), max(per_layer), ends
@@ -158,19 +185,59 @@ def _activations(cfg: ModelConfig, method: str, lora, c: int, autocast: bool, gp
 
 def autocast_copies(cfg: ModelConfig, method: str, adapters: int) -> int:
     """bf16 copies of fp32 weights that autocast makes in the forward and autograd keeps until the
-    backward: every linear's weight for full fine-tuning, the adapters' otherwise."""
+    backward: every decoder linear's weight for full fine-tuning (label_logps casts the output
+    weight itself, outside autocast, and does not keep the copy), the adapters' otherwise
+    (`adapters`: the count of those that run, see adapter_params(head=False))."""
     if method != "full":
         return 2 * adapters
-    linear = sum(math.prod(s) for n, s in cfg.shapes().items() if not n.endswith("norm.weight") and n != "embed.weight")
-    return 2 * (linear + (cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0))
+    return 2 * sum(math.prod(s) for n, s in cfg.shapes().items()
+                   if not n.endswith("norm.weight") and n not in ("embed.weight", "lm_head.weight"))
+
+
+def loss_head(cfg: ModelConfig, method: str, c: int, tokens: int, summed: bool, hidden_grad: bool
+              ) -> tuple[float, float]:
+    """(bytes label_logps saves for backward beyond the per-token activations, bytes it holds at its
+    worst moment including those) for `tokens` labelled tokens, following train/objectives.py:
+    LOGITS_PER_CHUNK logits at a time (fp32, plus the product in the compute dtype), the output
+    weight cast once to it, and the output weight's fp32 gradient (with a buffer of its shape in
+    the compute dtype). summed: grad_h and grad_w are made in the forward and kept to the backward,
+    which scales them into new tensors; per-token: the backward recomputes each chunk and always
+    builds grad_w, even for a frozen weight."""
+    from .train.objectives import LOGITS_PER_CHUNK
+    V, D = cfg.vocab_size, cfg.dim
+    low = c < 4                                                       # products in bf16
+    w = 4 if method == "full" else c                                  # the output weight's bytes
+    rows = min(tokens, max(1, LOGITS_PER_CHUNK // V))
+    chunk = rows * V * (4 + 2 * low) + rows * D * 2 * low
+    cast = 2 * V * D if low and w == 4 else 0
+    grad_h = tokens * D * (4 if method == "full" or not low else c) if hidden_grad else 0
+    if summed:
+        trains = method == "full"
+        saved = 4 * V * D if trains else 0
+        forward = saved + (2 * V * D * low if trains else 0) + cast + chunk
+        return saved, max(forward, 2 * saved + grad_h)
+    backward = cast + chunk + grad_h + 4 * V * D + 2 * V * D * low + (V * D * w if w != 4 else 0)
+    return 0, max(cast + chunk, backward)
+
+
+def checkpoint_write(method: str, total_params: int, trainable: int) -> float:
+    """Host bytes a checkpoint write adds (on CPU: the device's): torch.distributed.checkpoint's
+    HuggingFaceStorageWriter serializes a rank's file with safetensors.torch.save, which builds the
+    whole file in memory and copies it into a Python bytes object before writing it. The file holds
+    the AdamW moments, and for full fine-tuning the fp32 weights (adapters go to their own file,
+    written tensor by tensor)."""
+    return 2 * (8 * trainable + (4 * total_params if method == "full" else 0))
 
 
 def plan_training(cfg: ModelConfig, method: str = "full", seq_len: int = 2048, batch_size: int = 1, *, lora=None,
                   gpus: int = 1, fsdp: bool = False, activation_checkpointing: bool = False, device: str = "cuda",
-                  dtype: str = "auto", grad_accum: int = 1, rows_per_example: int = 1,
+                  dtype: str = "auto", grad_accum: int = 1, rows_per_example: int = 1, summed_loss: bool = True,
                   gpu_memory=None) -> MemoryPlan:
     """The memory one device needs to train `cfg` with `method` on batch_size x seq_len tokens per
-    micro-batch (rows_per_example 2 for DPO, which runs chosen and rejected in one forward)."""
+    micro-batch (rows_per_example 2 for DPO, which runs chosen and rejected in one forward).
+    summed_loss: the objective sums label log-probs in the loss head (next-token, SFT); False for
+    per-token log-probs (DPO, GRPO). dtype auto follows the loop: bf16 autocast on GPUs and on CPUs
+    with native bf16 (lmfoundry.quantize.native_bf16), else fp32."""
     from .lora import LoraConfig
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -179,54 +246,72 @@ def plan_training(cfg: ModelConfig, method: str = "full", seq_len: int = 2048, b
         if lora.qlora != (method == "qlora"):
             lora = LoraConfig(**{**lora.__dict__, "qlora": method == "qlora"})
     gpu = device != "cpu"
-    autocast = dtype in ("bfloat16", "bf16") or (dtype == "auto" and gpu)
+    autocast = autocast_on(device, dtype)
     c = 2 if autocast else 4
     shards = gpus if fsdp else 1
     tokens = batch_size * seq_len * rows_per_example
-    n_proj = sum(math.prod(s) for i in range(cfg.n_layers) for s in _proj_shapes(cfg, i).values())
     total_params = cfg.num_params()
     trainable = total_params if method == "full" else adapter_params(cfg, lora)
-    if method == "full":
-        weights = 4 * total_params
-    elif method == "lora":
-        weights = c * total_params + 4 * trainable
-    else:
-        quant = sum(nf4_bytes(math.prod(s), c) for i in range(cfg.n_layers) for s in _proj_shapes(cfg, i).values())
-        weights = quant + c * (total_params - n_proj) + 4 * trainable
     plan = MemoryPlan(method)
     rows = plan.rows
-    rows["weights"] = weights / shards
+    rows["weights"] = _weights(cfg, method, c, trainable) / shards
     rows["gradients"] = 4 * trainable / shards * (2 if gpus > 1 and not fsdp else 1)
     rows["optimizer states (AdamW)"] = 8 * trainable / shards
-    acts, one_layer, final = _activations(cfg, method, lora, c, autocast, gpu)
+    acts, one_layer, final = _activations(cfg, method, lora, c, autocast, gpu, summed_loss)
     r = 4 if (method == "full" or not autocast) else c
-    ckpt_acts = (cfg.n_layers * r * cfg.dim + one_layer + final) * tokens
     rows["activations, no checkpointing"] = (acts + final) * tokens
-    rows["activations, with checkpointing"] = ckpt_acts
-    activations = ckpt_acts if activation_checkpointing else rows["activations, no checkpointing"]
-    rows["logits (fp32 log-softmax + logits)"] = tokens * cfg.vocab_size * (8 if c == 4 else 10)
+    rows["activations, with checkpointing"] = (cfg.n_layers * r * cfg.dim + one_layer + final) * tokens
+    activations = rows[f"activations, {'with' if activation_checkpointing else 'no'} checkpointing"]
+    head_grad = method == "full" or bool(set(lora.targets) - {"lm_head"})
+    rows["logits chunk + output-layer grads"] = loss_head(cfg, method, c, tokens, summed_loss, head_grad)[1]
     transient, what = _transient(cfg, method, lora, c, gpu, trainable, shards, fsdp)
     rows[f"transient ({what})"] = transient
-    if gpu:
-        rows["reserve (CUDA context, allocator)"] = CUDA_RESERVE
-    step = rows["gradients"] + (4 * trainable / shards if gpu else 2 * 4 * _largest_trainable(cfg, method, lora))
-    during = activations + max(rows["logits (fp32 log-softmax + logits)"], transient)
+    # fused AdamW (CPU/CUDA without FSDP) updates in place; FSDP2's foreach AdamW takes a moment-sized buffer
+    step = rows["gradients"] + (4 * trainable / shards if fsdp else 0)
+    during = activations + max(rows["logits chunk + output-layer grads"], transient)
     if grad_accum > 1:
         during += rows["gradients"]
-    plan.total = int(rows["weights"] + rows["optimizer states (AdamW)"] + max(during, step)
-                     + rows.get("reserve (CUDA context, allocator)", 0))
+    saving = 0
+    if gpu:
+        rows["reserve (CUDA context, allocator)"] = CUDA_RESERVE
+    else:
+        saving = rows["checkpoint write"] = checkpoint_write(method, total_params, trainable) / shards
+    held = rows["weights"] + rows["optimizer states (AdamW)"] + rows.get("reserve (CUDA context, allocator)", 0)
+    plan.steps_peak, plan.total = int(held + max(during, step)), int(held + max(during, step, saving))
     plan.budget = parse_size(gpu_memory) if gpu_memory else None
     if fsdp and gpus == 1:
         plan.notes.append("--fsdp with one GPU shards nothing")
     if method == "qlora" and not gpu:
         plan.notes.append("QLoRA on CPU dequantizes every projection twice per step (slow)")
+    if gpu:
+        plan.notes.append(f"checkpoints also need {gib(checkpoint_write(method, total_params, trainable) / shards)} "
+                          "of host memory per process while they are written")
     return plan
 
 
-def _largest_trainable(cfg: ModelConfig, method: str, lora) -> int:
+def autocast_on(device: str, dtype: str) -> bool:
+    """Whether the training loop runs forwards under bf16 autocast (train/loop.py _placement)."""
+    if dtype in ("bfloat16", "bf16"):
+        return True
+    if dtype != "auto":
+        return False
+    if device != "cpu":
+        return True
+    from .quantize import native_bf16
+    return native_bf16("cpu")[0]
+
+
+def _weights(cfg: ModelConfig, method: str, c: int, trainable: int) -> float:
+    """full: fp32 master weights; LoRA: the base in the compute dtype + fp32 adapters; QLoRA: the
+    projections in NF4, the rest as LoRA."""
+    total = cfg.num_params()
     if method == "full":
-        return max(math.prod(s) for s in cfg.shapes().values())
-    return max(lora.rank * max(cfg.vocab_size if "embed" in lora.targets else 0, cfg.dim, max(cfg.ffn_dim)), 1)
+        return 4 * total
+    if method == "lora":
+        return c * total + 4 * trainable
+    shapes = [s for i in range(cfg.n_layers) for s in _proj_shapes(cfg, i).values()]
+    quant = sum(nf4_bytes(math.prod(s), c) for s in shapes)
+    return quant + c * (total - sum(math.prod(s) for s in shapes)) + 4 * trainable
 
 
 def _transient(cfg, method, lora, c, gpu, trainable, shards, fsdp) -> tuple[float, str]:

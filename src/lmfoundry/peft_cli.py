@@ -41,7 +41,8 @@ def cmd_plan(args):
     plan = plan_training(cfg, args.method, args.seq_len, args.batch_size, lora=lora, gpus=args.gpus, fsdp=args.fsdp,
                          activation_checkpointing=args.activation_checkpointing, device=args.device,
                          dtype=args.dtype, grad_accum=args.grad_accum,
-                         rows_per_example=2 if args.dpo else 1, gpu_memory=args.gpu_memory)
+                         rows_per_example=2 if args.dpo else 1, summed_loss=not args.dpo,
+                         gpu_memory=args.gpu_memory)
     print(f"{args.model}: {cfg.num_params():,} parameters, {args.batch_size} x {args.seq_len} tokens per micro-batch"
           f"{' (x2: DPO)' if args.dpo else ''}, {args.gpus} {args.device} device(s)"
           f"{', FSDP' if args.fsdp else ', DDP' if args.gpus > 1 else ''}")

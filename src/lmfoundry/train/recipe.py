@@ -175,7 +175,8 @@ def memory_plan(verb: str, opts: dict, cfg, lora):
     return plan_training(cfg, method, opts["seq_len"], opts["batch_size"], lora=lora, gpus=world,
                          fsdp=opts["fsdp"], activation_checkpointing=opts["activation_checkpointing"],
                          device=device.type, dtype=opts["dtype"], grad_accum=opts["grad_accum"],
-                         rows_per_example=2 if verb in ("dpo", "reward") else 1)
+                         rows_per_example=2 if verb in ("dpo", "reward") else 1,
+                         summed_loss=verb in ("pretrain", "sft"))
 
 
 def _model_and_trainable(verb: str, opts: dict, tokenizer, fmt, lora, model_dir):

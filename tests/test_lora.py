@@ -19,9 +19,11 @@ from torch import nn
 
 from conftest import hf_llama, random_tokens
 from lmfoundry.checkpoint import load_model
+from lmfoundry.errors import AdapterError
 from lmfoundry.lora import (LoraConfig, adapter_parameters, apply_lora, disable_adapters, load_adapter, peft_tensors,
                             save_adapter)
 from lmfoundry.train import NextToken
+from lmfoundry.train.objectives import token_logps
 from test_formats import make_exaone, make_openelm, openelm_reference
 from test_train import interrupting
 
@@ -93,6 +95,37 @@ def test_peft_adapter_gives_peft_logits_and_gradients(tmp_path, case):
     pm.save_pretrained(tmp_path / "adapter")
     ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
     assert_matches_peft(ours, lambda tokens: pm(tokens).logits, pm, random_tokens(2, 24))
+
+
+@pytest.mark.parametrize("summed", [True, False], ids=["summed", "per-token"])
+@pytest.mark.parametrize("case", CASES)
+def test_the_training_losses_give_peft_loss_and_gradients(tmp_path, case, summed):
+    """The losses run the output layer inside the chunked loss (token_logps), not through
+    lm_head's forward: an lm_head adapter (with DoRA) must act there too."""
+    kw, lc = CASES[case]
+    hf_llama(**kw).save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(hf_llama(**kw), peft_config(lc, LLAMA_MODULES))
+    pm.save_pretrained(tmp_path / "adapter")
+    ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
+    tokens = random_tokens(2, 24)
+    theirs = loss_of(pm(tokens).logits, tokens)
+    theirs.backward()
+    labels = torch.cat([tokens[:, 1:], torch.full((2, 1), -100)], dim=1)
+    logps = token_logps(ours, tokens, labels, summed=summed)
+    loss = -(logps if summed else logps.sum()) / labels[:, :-1].numel()
+    assert abs(loss.item() - theirs.item()) <= LOGITS_TOL
+    loss.backward()
+    assert_grads_match(our_grads(ours), peft_grads(pm))
+
+
+def test_dropout_on_an_lm_head_adapter_is_refused_in_the_training_loss(tmp_path):
+    hf_llama().save_pretrained(tmp_path)
+    ours = apply_lora(load_model(tmp_path), LoraConfig(rank=2, dropout=0.1, targets=("o", "lm_head")))
+    tokens = random_tokens(1, 8)
+    with pytest.raises(AdapterError, match="--lora-dropout 0 or leave lm_head out"):
+        token_logps(ours.train(), tokens, tokens)
+    ours.eval()
+    token_logps(ours, tokens, tokens)       # no dropout at inference: the merged weight is exact
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -200,6 +200,23 @@ class LoraLinear(nn.Module):
         return y + ((ratio - 1) * base.to(a.dtype) + ratio * lora).to(y.dtype)
 
 
+    def merged_weight(self) -> torch.Tensor:
+        """The weight this module multiplies by, W + s·B@A (DoRA: its rows rescaled to the
+        magnitude over the detached norm), differentiable in the adapters: what the chunked loss
+        multiplies the hidden states by when the output layer carries an adapter."""
+        w = dense(self.weight)
+        if self.lora_A is None or not self.enabled:
+            return w
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            raise AdapterError("LoRA dropout on lm_head: the loss multiplies by the output layer's merged weight, "
+                               "which cannot drop inputs; use --lora-dropout 0 or leave lm_head out of --lora-targets")
+        delta = (self.scaling * (self.lora_B @ self.lora_A)).to(w.dtype)
+        if self.lora_magnitude is None:
+            return w + delta
+        norm = torch.linalg.norm(w + delta.detach(), dim=1).detach()
+        return (self.lora_magnitude / norm).to(w.dtype)[:, None] * (w + delta)
+
+
 class LoraEmbedding(nn.Module):
     """A frozen embedding table plus s (A^T[x] @ B^T); `weight` is the base's own Parameter (a
     tied output layer keeps using it as it is, as in PEFT)."""

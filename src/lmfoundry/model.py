@@ -270,8 +270,12 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The output layer's weight [V, D]: lm_head's, or the embeddings' when they are tied."""
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        """The output layer's weight [V, D]: lm_head's (with an adapter put on it from outside, the
+        merged weight it multiplies by), or the embeddings' when they are tied."""
+        if self.lm_head is None:
+            return self.embed.weight
+        merged = getattr(self.lm_head, "merged_weight", None)
+        return merged() if merged is not None else self.lm_head.weight
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A cache for `batch` rows of `max_len` tokens (static when decoding is compiled)."""

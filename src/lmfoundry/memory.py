@@ -28,7 +28,10 @@ tensors autograd saves and the total against the measured peak RSS of real CPU r
     logits       one chunk of at most LOGITS_PER_CHUNK fp32 logits (and the product in bf16 under
                  autocast), the output weight cast to bf16, and the output weight's fp32 gradient:
                  the summed loss makes it in the forward and keeps it to the backward (which scales
-                 it into a second one), the per-token loss builds it in the backward
+                 it into a second one), the per-token loss builds it in the backward. An lm_head
+                 adapter hands the loss its merged weight W + s·B@A (lora.py merged_weight): a V x D
+                 tensor in the base's dtype that the per-token loss saves, a gradient the summed
+                 loss now makes, and with DoRA the unscaled sum its rescaling saves
     transient    the largest short-lived buffer: a dequantized NF4 weight (torchao's dequantization
                  works through int64 codes), DoRA's weight norm, FSDP's gathered blocks
     checkpoint   on CPU: torch.distributed.checkpoint writes each rank's state file through
@@ -39,9 +42,7 @@ peak = weights + optimizer + max(activations + max(logits, transient), gradients
 checkpoint) (with gradient accumulation the gradients stay allocated through later micro-batches).
 Not covered: the Python and torch baseline (about 0.3-0.5 GB RSS on CPU), the CUDA context and
 allocator fragmentation on GPU (planned as `reserve`), data loading, and attention that falls back
-to the math kernel (an explicit mask on devices without a masked fused kernel). An lm_head adapter
-is not counted as running: the model hands label_logps lm_head's base weight (output_weight), so
-today the training losses bypass it.
+to the math kernel (an explicit mask on devices without a masked fused kernel).
 """
 from __future__ import annotations
 
@@ -101,16 +102,13 @@ def nf4_bytes(numel: int, scale_bytes: int) -> int:
     return numel // 2 + blocks + math.ceil(blocks / 256) * scale_bytes + 17 * scale_bytes
 
 
-def adapter_params(cfg: ModelConfig, lora, head: bool = True) -> int:
+def adapter_params(cfg: ModelConfig, lora) -> int:
     """Trainable adapter parameters (a fused module's parts share A: counted once per module as
-    PEFT's, but lmfoundry keeps one A per fused group too, so the count is per group). head=False:
-    without an lm_head adapter (the training losses read lm_head's weight, so it does not run)."""
+    PEFT's, but lmfoundry keeps one A per fused group too, so the count is per group)."""
     from .checkpoint.formats import default_format
     from .lora import targeted
     total = 0
     for g in targeted(cfg, default_format(cfg), lora.targets):
-        if not head and "lm_head" in g.parts:
-            continue
         total += lora.rank * (g.in_features + sum(g.sizes))
         if lora.dora and not g.embedding:
             total += sum(g.sizes)
@@ -173,8 +171,8 @@ def _activations(cfg: ModelConfig, method: str, lora, c: int, autocast: bool, gp
     # the final norm's output goes to label_logps (train/objectives.py), not through a linear: the
     # labelled rows are picked by a bool mask (saved, a byte per token); the summed loss saves
     # grad_h [N, D] (only when the hidden states need a gradient), the per-token one its input rows,
-    # labels (int64) and logsumexp (fp32). Both read lm_head.weight directly, so an lm_head adapter is not run.
-    needs = grad or full
+    # labels (int64) and logsumexp (fp32) (also when only an lm_head adapter needs a gradient).
+    needs = grad or full or (not summed and "lm_head" in targets)
     r = 4 if full or c == 4 else c                                    # the residual stream's bytes
     ends = norm_saves([], cfg.dim, grad)
     ends += 1 + cfg.dim * r + (0 if summed else 12) if needs else 0
@@ -187,37 +185,45 @@ def autocast_copies(cfg: ModelConfig, method: str, adapters: int) -> int:
     """bf16 copies of fp32 weights that autocast makes in the forward and autograd keeps until the
     backward: every decoder linear's weight for full fine-tuning (label_logps casts the output
     weight itself, outside autocast, and does not keep the copy), the adapters' otherwise
-    (`adapters`: the count of those that run, see adapter_params(head=False))."""
+    (`adapters`: adapter_params; an lm_head adapter's B @ A runs under autocast too)."""
     if method != "full":
         return 2 * adapters
     return 2 * sum(math.prod(s) for n, s in cfg.shapes().items()
                    if not n.endswith("norm.weight") and n not in ("embed.weight", "lm_head.weight"))
 
 
-def loss_head(cfg: ModelConfig, method: str, c: int, tokens: int, summed: bool, hidden_grad: bool
-              ) -> tuple[float, float]:
-    """(bytes label_logps saves for backward beyond the per-token activations, bytes it holds at its
-    worst moment including those) for `tokens` labelled tokens, following train/objectives.py:
+def loss_head(cfg: ModelConfig, method: str, c: int, tokens: int, summed: bool, hidden_grad: bool,
+              lora=None) -> tuple[float, float]:
+    """(bytes the loss head saves for backward beyond the per-token activations, bytes it holds at
+    its worst moment including those) for `tokens` labelled tokens, following train/objectives.py:
     LOGITS_PER_CHUNK logits at a time (fp32, plus the product in the compute dtype), the output
     weight cast once to it, and the output weight's fp32 gradient (with a buffer of its shape in
     the compute dtype). summed: grad_h and grad_w are made in the forward and kept to the backward,
     which scales them into new tensors; per-token: the backward recomputes each chunk and always
-    builds grad_w, even for a frozen weight."""
+    builds grad_w, even for a frozen weight. An lm_head adapter (lora.py merged_weight) makes the
+    output weight a V x D tensor in the base's dtype (c): saved by the per-token loss, alive through
+    the summed one's forward, whose grad_w it now needs; DoRA's rescaling also saves W + s·B@A."""
     from .train.objectives import LOGITS_PER_CHUNK
     V, D = cfg.vocab_size, cfg.dim
     low = c < 4                                                       # products in bf16
     w = 4 if method == "full" else c                                  # the output weight's bytes
+    adapter = method != "full" and lora is not None and "lm_head" in lora.targets
+    merged = V * D * c if adapter else 0
+    dora = V * D * c + 2 * V * c if adapter and lora.dora else 0     # W + s·B@A, the norm and the ratio
     rows = min(tokens, max(1, LOGITS_PER_CHUNK // V))
     chunk = rows * V * (4 + 2 * low) + rows * D * 2 * low
     cast = 2 * V * D if low and w == 4 else 0
     grad_h = tokens * D * (4 if method == "full" or not low else c) if hidden_grad else 0
+    to_weight = V * D * w if w != 4 else 0                            # grad_w cast to the weight's dtype
     if summed:
-        trains = method == "full"
-        saved = 4 * V * D if trains else 0
-        forward = saved + (2 * V * D * low if trains else 0) + cast + chunk
-        return saved, max(forward, 2 * saved + grad_h)
-    backward = cast + chunk + grad_h + 4 * V * D + 2 * V * D * low + (V * D * w if w != 4 else 0)
-    return 0, max(cast + chunk, backward)
+        trains = method == "full" or adapter
+        saved = (4 * V * D if trains else 0) + dora
+        forward = saved + merged + (2 * V * D * low if trains else 0) + cast + chunk
+        backward = dora + (8 * V * D + to_weight if trains else 0) + grad_h
+        return saved, max(forward, backward)
+    saved = merged + dora
+    backward = saved + cast + chunk + grad_h + 4 * V * D + 2 * V * D * low + to_weight
+    return saved, max(saved + cast + chunk, backward)
 
 
 def checkpoint_write(method: str, total_params: int, trainable: int) -> float:
@@ -263,7 +269,7 @@ def plan_training(cfg: ModelConfig, method: str = "full", seq_len: int = 2048, b
     rows["activations, with checkpointing"] = (cfg.n_layers * r * cfg.dim + one_layer + final) * tokens
     activations = rows[f"activations, {'with' if activation_checkpointing else 'no'} checkpointing"]
     head_grad = method == "full" or bool(set(lora.targets) - {"lm_head"})
-    rows["logits chunk + output-layer grads"] = loss_head(cfg, method, c, tokens, summed_loss, head_grad)[1]
+    rows["logits chunk + output-layer grads"] = loss_head(cfg, method, c, tokens, summed_loss, head_grad, lora)[1]
     transient, what = _transient(cfg, method, lora, c, gpu, trainable, shards, fsdp)
     rows[f"transient ({what})"] = transient
     # fused AdamW (CPU/CUDA without FSDP) updates in place; FSDP2's foreach AdamW takes a moment-sized buffer

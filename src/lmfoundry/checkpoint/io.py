@@ -210,12 +210,13 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
 ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
-def safetensors_header(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
+def safetensors_header(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                       metadata: dict[str, str] | None = None) -> tuple[bytes, int]:
     """The bytes that open a safetensors file holding `entries` (name, shape, dtype) in that order,
     and the number of data bytes that must follow: an 8-byte little-endian header length, then the
-    JSON header (`__metadata__` {"format": "pt"}, dtype/shape/data_offsets per tensor) padded with
-    spaces to a multiple of 8 bytes."""
-    header: dict = {"__metadata__": {"format": "pt"}}
+    JSON header (`__metadata__` {"format": "pt"} plus `metadata`'s string entries, dtype/shape/
+    data_offsets per tensor) padded with spaces to a multiple of 8 bytes."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, shape, dtype in entries:
         if dtype not in ST_NAMES:
@@ -230,7 +231,7 @@ def safetensors_header(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype
     return struct.pack("<Q", len(raw)) + raw, offset
 
 
-def _write_bytes(f, t: torch.Tensor):
+def write_tensor_bytes(f, t: torch.Tensor):
     """Append a tensor's raw (little-endian, row-major) bytes without another copy in memory."""
     if t.numel():
         f.write(t.reshape(-1).view(torch.uint8).numpy().data)
@@ -268,7 +269,7 @@ def write_safetensors(directory: Path, tensors: Iterable[tuple[str, torch.Tensor
                 if got[0] != name or tuple(t.shape) != shape or t.dtype != dtype:
                     raise CheckpointError(f"expected tensor {name} {list(shape)} {dtype}, got {got[0]} "
                                           f"{list(t.shape)} {t.dtype}")
-                _write_bytes(f, t)
+                write_tensor_bytes(f, t)
                 del t, got
     extra = next(it, None)
     if extra is not None:

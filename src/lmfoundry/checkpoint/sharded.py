@@ -4,7 +4,8 @@ any number of processes, and exported to a Hugging Face directory one tensor at 
     OUT/checkpoints/step-N/state/shard-0000R-model-00001-of-00001.safetensors
         what rank R holds: its shards of the weights ("model.<name>") and of the AdamW moments
         ("optimizer.<name>.exp_avg", ...), each file's header saying where its pieces sit in
-        the full tensors (DCP's HuggingFaceStorageWriter, save_distributed). Safetensors only:
+        the full tensors (DCP's HuggingFaceStorageWriter format, save_distributed, written
+        tensor by tensor by dcp_writer.StreamingStorageWriter). Safetensors only:
         DCP's default format keeps its metadata in a pickle, which lmfoundry never loads.
     OUT/checkpoints/step-N/config.json (+ tokenizer files)   the model's config, for export
 
@@ -40,12 +41,12 @@ def is_sharded(path) -> bool:
 
 
 def save_state(directory: Path, tensors: dict) -> None:
-    """Write a nested dict of tensors (DTensor shards or plain tensors; plain ones are written once)."""
+    """Write a nested dict of tensors (DTensor shards or plain tensors; plain ones are written once),
+    one tensor in memory at a time (dcp_writer)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from .dcp_writer import storage_writer
     with _quiet():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(Path(directory) / STATE_DIR),
-                                                                  save_distributed=True), no_dist=_single())
+        dcp.save(tensors, storage_writer=storage_writer(str(Path(directory) / STATE_DIR)), no_dist=_single())
 
 
 def load_state(directory: Path, tensors: dict) -> None:

@@ -3,7 +3,8 @@ the same state: the same files, each readable by safetensors.safe_open with the 
 the same `__metadata__` (DCP's sharding offsets, version, format), the same write results, and
 torch's reader loads it back; it never builds a file in memory (safetensors.torch.save is not
 called). Single process with plain tensors (bf16, int64, a non-contiguous view), and 2 gloo
-processes saving FSDP2's DTensor shards (an uneven split too)."""
+processes saving FSDP2's DTensor shards (an uneven split too) and a plain tensor that only one
+rank writes (the other writes no file, as with torch's writer)."""
 import contextlib
 import json
 from pathlib import Path
@@ -36,7 +37,8 @@ def save_both(tensors, out):
         with forbid if name == "ours" else contextlib.nullcontext():
             dcp.save(tensors, storage_writer=writer, no_dist=single)
         results[name] = sorted([r.index.fqn, list(r.index.offset or []), r.size_in_bytes, r.storage_data.relative_path,
-                                r.storage_data.offset, r.storage_data.length] for rank in getattr(writer, "results", []) for r in rank)
+                                r.storage_data.offset, r.storage_data.length]
+                               for rank in getattr(writer, "results", []) for r in rank)
     return results
 
 
@@ -94,6 +96,7 @@ def fsdp_worker(rank, world, port, out):
         torch.manual_seed(1)
         odd = distribute_tensor(torch.randn(5, 3), model.embed.weight.device_mesh, [Shard(0)])
         results = save_both({"model": model.state_dict(), "odd": odd}, Path(out))
+        save_both({"plain": torch.arange(6.0)}, Path(out) / "plain")    # written once: one rank has nothing
         if rank == 0:
             (Path(out) / "results.json").write_text(json.dumps(results))
     finally:
@@ -107,6 +110,7 @@ def test_two_process_fsdp_shards_stream_into_the_files_torch_writes(tmp_path):
     assert results["ours"] == results["torch"]
     assert len({r[3] for r in results["ours"]}) == 2                  # a file per rank
     assert_same_files(tmp_path)
+    assert_same_files(tmp_path / "plain")
     full = {n: torch.empty_like(t) for n, t in tiny().state_dict().items()}
     odd = torch.empty(5, 3)
     load_state(tmp_path / "ours", {"model": full, "odd": odd})

@@ -34,9 +34,11 @@ tensors autograd saves and the total against the measured peak RSS of real CPU r
                  loss now makes, and with DoRA the unscaled sum its rescaling saves
     transient    the largest short-lived buffer: a dequantized NF4 weight (torchao's dequantization
                  works through int64 codes), DoRA's weight norm, FSDP's gathered blocks
-    checkpoint   on CPU: torch.distributed.checkpoint writes each rank's state file through
-                 safetensors.torch.save, which holds the whole file twice in memory (full
-                 fine-tuning: 24 bytes per parameter); on GPU this is host memory (a note)
+    checkpoint   the streamed writer (checkpoint/dcp_writer.py) writes each rank's state file
+                 tensor by tensor from where the tensors live: nothing on CPU, the largest tensor
+                 of the file in host memory from a GPU (a note); torch's own writer, used where
+                 torch lacks the names it needs, holds the file twice (24 bytes per parameter
+                 for full fine-tuning)
 
 peak = weights + optimizer + max(activations + max(logits, transient), gradients + optimizer step,
 checkpoint) (with gradient accumulation the gradients stay allocated through later micro-batches).
@@ -226,13 +228,24 @@ def loss_head(cfg: ModelConfig, method: str, c: int, tokens: int, summed: bool, 
     return saved, max(saved + cast + chunk, backward)
 
 
-def checkpoint_write(method: str, total_params: int, trainable: int) -> float:
-    """Host bytes a checkpoint write adds (on CPU: the device's): torch.distributed.checkpoint's
-    HuggingFaceStorageWriter serializes a rank's file with safetensors.torch.save, which builds the
-    whole file in memory and copies it into a Python bytes object before writing it. The file holds
-    the AdamW moments, and for full fine-tuning the fp32 weights (adapters go to their own file,
-    written tensor by tensor)."""
-    return 2 * (8 * trainable + (4 * total_params if method == "full" else 0))
+def checkpoint_write(cfg: ModelConfig, method: str, lora=None, gpu: bool = False, shards: int = 1) -> float:
+    """Host bytes a checkpoint write adds (on CPU: the device's). The streamed writer
+    (checkpoint/dcp_writer.py) writes a rank's state file header first and then each tensor from
+    its own memory: on CPU nothing is copied; from a GPU one tensor at a time comes to the host, the
+    largest fp32 tensor of the file (the AdamW moments, and the weights for full fine-tuning;
+    adapters go to their own file). Where torch lacks the names it needs, torch's writer builds the
+    whole file in memory twice (safetensors.torch.save): 24 bytes per parameter for full fine-tuning."""
+    from .checkpoint.dcp_writer import STREAMING
+    trainable = cfg.num_params() if method == "full" else adapter_params(cfg, lora)
+    if not STREAMING:
+        return 2 * (8 * trainable + (4 * cfg.num_params() if method == "full" else 0)) / shards
+    if not gpu:
+        return 0
+    if method == "full":
+        return 4 * max(math.prod(s) for s in cfg.shapes().values()) / shards
+    from .checkpoint.formats import default_format
+    from .lora import targeted
+    return 4 * lora.rank * max(max(g.in_features, *g.sizes) for g in targeted(cfg, default_format(cfg), lora.targets))
 
 
 def plan_training(cfg: ModelConfig, method: str = "full", seq_len: int = 2048, batch_size: int = 1, *, lora=None,
@@ -277,21 +290,21 @@ def plan_training(cfg: ModelConfig, method: str = "full", seq_len: int = 2048, b
     during = activations + max(rows["logits chunk + output-layer grads"], transient)
     if grad_accum > 1:
         during += rows["gradients"]
-    saving = 0
+    saving = checkpoint_write(cfg, method, lora, gpu, shards)
     if gpu:
         rows["reserve (CUDA context, allocator)"] = CUDA_RESERVE
     else:
-        saving = rows["checkpoint write"] = checkpoint_write(method, total_params, trainable) / shards
+        rows["checkpoint write"] = saving
     held = rows["weights"] + rows["optimizer states (AdamW)"] + rows.get("reserve (CUDA context, allocator)", 0)
-    plan.steps_peak, plan.total = int(held + max(during, step)), int(held + max(during, step, saving))
+    plan.steps_peak = int(held + max(during, step))
+    plan.total = int(held + max(during, step, 0 if gpu else saving))
     plan.budget = parse_size(gpu_memory) if gpu_memory else None
     if fsdp and gpus == 1:
         plan.notes.append("--fsdp with one GPU shards nothing")
     if method == "qlora" and not gpu:
         plan.notes.append("QLoRA on CPU dequantizes every projection twice per step (slow)")
     if gpu:
-        plan.notes.append(f"checkpoints also need {gib(checkpoint_write(method, total_params, trainable) / shards)} "
-                          "of host memory per process while they are written")
+        plan.notes.append(f"checkpoints also need {gib(saving)} of host memory per process while they are written")
     return plan
 
 

@@ -28,7 +28,7 @@ try:
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.distributed.checkpoint.storage import WriteResult
     from torch.futures import Future
-    STREAMING = True
+    STREAMING = hasattr(HuggingFaceStorageWriter, "_split_by_storage_plan")
 except ImportError:                                        # an older or newer torch: its own writer
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     STREAMING = False
@@ -46,7 +46,7 @@ class StreamingStorageWriter(HuggingFaceStorageWriter):
     def write_data(self, plan, planner):
         """One file per storage index, named as torch names it; torch's writer where any item is not
         a plain tensor of a safetensors dtype."""
-        if not streamable(self, plan.items):
+        if not plan.items or not streamable(self, plan.items):       # nothing to write: no file, as torch
             return super().write_data(plan, planner)
         mapping = plan.storage_data.get("fqn_to_index_mapping")
         last = max(mapping.values()) if mapping else 1

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from lmfoundry.memory import autocast_on  # noqa: E402
 
 MODEL = dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=1024)
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -177,7 +178,8 @@ def child_qlora_memory(a, tmp, base, baseline):
     cfg = ModelConfig.from_preset(a.qlora_preset)
     lcfg = LoraConfig(rank=16, targets=TARGETS, qlora=a.method == "qlora")
     t0 = time.perf_counter()
-    model = load_lora_model(cfg, None, lcfg, None, "cpu", torch.float32)
+    compute = torch.bfloat16 if autocast_on("cpu", "auto") else torch.float32   # as the recipe builds it
+    model = load_lora_model(cfg, None, lcfg, None, "cpu", compute)
     built = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (1, a.qlora_seq + 1), generator=g)
@@ -280,7 +282,8 @@ def main():
     if not a.skip_qlora:
         res = {m: run_child("qlora-memory", [*argv, "--method", m]) for m in ("lora", "qlora")}
         print(f"\nQLoRA vs LoRA memory, preset {a.qlora_preset} (random weights), batch 1 x {a.qlora_seq}, "
-              f"{a.qlora_steps} steps, fp32 compute on CPU")
+              f"{a.qlora_steps} steps, dtype auto on CPU (bf16 base and autocast where the CPU has bf16 units: "
+              f"{'yes' if autocast_on('cpu', 'auto') else 'no'})")
         for m, r in res.items():
             if "error" in r:
                 print(f"{m}: {r['error']}")

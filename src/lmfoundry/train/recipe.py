@@ -158,12 +158,14 @@ def lora_config(opts: dict):
 
 
 def _base_placement(opts: dict):
-    """Where a LoRA base is built: the training device, in the compute dtype (the loop's rule;
-    the trainable's place() has the last word)."""
+    """Where a LoRA base is built: the training device, in the compute dtype (the loop's rule,
+    which the planner follows too: bf16 where autocast will run, so a bf16 CPU never holds the
+    base in fp32 first; the trainable's place() has the last word)."""
     import torch
+
+    from ..memory import autocast_on
     device = D.default_device() if opts["device"] == "auto" else torch.device(opts["device"])
-    bf16 = opts["dtype"] in ("bfloat16", "bf16") or (opts["dtype"] == "auto" and device.type == "cuda")
-    return device, torch.bfloat16 if bf16 else torch.float32
+    return device, torch.bfloat16 if autocast_on(device.type, opts["dtype"]) else torch.float32
 
 
 def memory_plan(verb: str, opts: dict, cfg, lora):

@@ -309,15 +309,11 @@ def plan_training(cfg: ModelConfig, method: str = "full", seq_len: int = 2048, b
 
 
 def autocast_on(device: str, dtype: str) -> bool:
-    """Whether the training loop runs forwards under bf16 autocast (train/loop.py _placement)."""
-    if dtype in ("bfloat16", "bf16"):
-        return True
-    if dtype != "auto":
-        return False
-    if device != "cpu":
-        return True
-    from .quantize import native_bf16
-    return native_bf16("cpu")[0]
+    """Whether the training loop runs forwards under bf16 autocast (quantize.autocast_dtype, the
+    loop's rule; a GPU being planned for is taken to have bf16 units)."""
+    from .quantize import autocast_dtype, native_bf16
+    native = device != "cpu" or (dtype == "auto" and native_bf16("cpu")[0])
+    return autocast_dtype(dtype, native) is not None
 
 
 def _weights(cfg: ModelConfig, method: str, c: int, trainable: int) -> float:

@@ -45,6 +45,17 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(flags)
 
 
+def autocast_dtype(dtype: str, native: bool) -> torch.dtype | None:
+    """The dtype training forwards run under autocast for a --dtype setting (None: fp32); `auto`
+    is bf16 where the device multiplies bf16 natively (`native`, see native_bf16). The one rule
+    the training loop, the LoRA base placement and the memory planner follow."""
+    from .checkpoint.io import parse_dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native else None
+    wanted = parse_dtype(dtype)
+    return None if wanted == torch.float32 else wanted
+
+
 def native_bf16(device="cpu") -> tuple[bool, str]:
     """(whether `device` has native bf16 matrix support, the reason in words).
 

@@ -157,13 +157,12 @@ def _placement(cfg: TrainConfig, world: int):
     """The device, the compute dtype (None: fp32) and the autocast context for forwards (none
     under FSDP2 on GPU, which gathers parameters in bf16 itself). dtype auto: bf16 autocast where
     the device multiplies bf16 natively (GPUs; CPUs with avx512_bf16/AMX/Arm bf16), else fp32."""
-    from ..quantize import native_bf16
+    from ..quantize import autocast_dtype, native_bf16
     device = D.default_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and device.index is None and world > 1:
         device = D.default_device()
     bf16, why = native_bf16(device)
-    amp = {"auto": torch.bfloat16 if bf16 else None, "float32": None, "fp32": None,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[cfg.dtype]
+    amp = autocast_dtype(cfg.dtype, bf16)
     if cfg.progress and D.rank_and_world()[0] == 0:
         what = "bf16 autocast, fp32 master weights and AdamW" if amp else "fp32"
         print(f"precision: {what} on {device} (--dtype {cfg.dtype}: {why})", flush=True)

@@ -550,6 +550,8 @@ def test_a_bad_adapter_is_one_clear_error_and_nothing_is_written(trained, tmp_pa
     (["--lora-rank", "4", "--lora-targets", "q,attention"], "--lora-targets must name modules from"),
     (["--qlora"], "--qlora configures LoRA adapters: give --lora-rank R too"),
     (["--lora-rank", "4", "--dora", "--lora-targets", "q,embed"], "DoRA on the embeddings is not supported"),
+    (["--lora-rank", "4", "--lora-dropout", "0.1", "--lora-targets", "q,lm_head"],
+     "--lora-dropout with lm_head in --lora-targets"),
 ])
 def test_bad_lora_settings_are_one_clear_error(demo_dir, tmp_path, capsys, flags, message):
     data = tmp_path / "sft.jsonl"

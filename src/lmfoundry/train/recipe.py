@@ -152,6 +152,9 @@ def lora_config(opts: dict):
         if given:
             raise TrainError(f"{flag(given[0])} configures LoRA adapters: give --lora-rank R too")
         return None
+    if "lm_head" in opts["lora_targets"] and opts["lora_dropout"] > 0:     # refused before anything is written
+        raise TrainError("--lora-dropout with lm_head in --lora-targets: the loss multiplies by the output layer's "
+                         "merged weight, which cannot drop inputs; use --lora-dropout 0 or leave lm_head out")
     return LoraConfig(rank=opts["lora_rank"], alpha=opts["lora_alpha"], dropout=opts["lora_dropout"],
                       targets=tuple(opts["lora_targets"]), rslora=opts["rslora"], dora=opts["dora"],
                       qlora=opts["qlora"])
